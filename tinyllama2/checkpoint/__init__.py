@@ -1,0 +1,38 @@
+"""Checkpoint formats: detect, load into (ModelArgs, Meta-named numpy weights), save."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelArgs
+from . import hf, llama2c
+
+
+@dataclass
+class Checkpoint:
+  args: ModelArgs
+  weights: dict[str, np.ndarray]
+  tokenizer_path: Path | None   # a tokenizer.model found beside the weights
+  format: str
+
+
+def detect_format(path: Path) -> str:
+  if not path.exists(): raise FileNotFoundError(f"model not found: {path}")
+  if hf.is_hf_dir(path): return "hf"
+  if path.is_file() and path.suffix == ".bin": return "llama2c"
+  if path.is_dir():
+    raise ValueError(f"{path}: no config.json here; expected a Hugging Face model directory (config.json + "
+                     "model.safetensors) or a llama2.c .bin file")
+  raise ValueError(f"{path}: unknown model format (expected a Hugging Face directory or a llama2.c .bin)")
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+  path = Path(path).expanduser()
+  fmt = detect_format(path)
+  if fmt == "hf": args, weights = hf.load(path)
+  else: args, weights = llama2c.load(path)
+  folder = path if path.is_dir() else path.parent
+  tok = folder / "tokenizer.model"
+  return Checkpoint(args, weights, tok if tok.is_file() else None, fmt)

@@ -1,0 +1,113 @@
+"""`Llama`: the user-facing object tying a Transformer, its tokenizer and generation together."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from tinygrad import dtypes
+from tinygrad.dtype import DType
+
+from .checkpoint import load_checkpoint
+from .config import ModelArgs, warn_if_beyond_trained
+from .generate import Decoder, Generation, GenerationConfig, TextStream, _eos_ids, generate_tokens
+from .model import Transformer
+from .rope import RopeScaling
+from .sampling import SamplingParams
+from .tokenizer import ChatTemplate, Llama2ChatTemplate, Tokenizer
+
+DTYPES = {"float32": dtypes.float32, "f32": dtypes.float32, "fp32": dtypes.float32, "float16": dtypes.float16,
+          "f16": dtypes.float16, "fp16": dtypes.float16, "half": dtypes.float16, "bfloat16": dtypes.bfloat16,
+          "bf16": dtypes.bfloat16}
+
+
+def resolve_dtype(dtype: str | DType | None, stored: np.dtype | None = None) -> DType:
+  """An explicit dtype, else the stored float dtype (fp32 / fp16); bf16 is read as fp32 unless asked for."""
+  if isinstance(dtype, DType): return dtype
+  if dtype is None: return dtypes.float16 if stored == np.float16 else dtypes.float32
+  if dtype not in DTYPES: raise ValueError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16")
+  return DTYPES[dtype]
+
+
+class Llama:
+  def __init__(self, model: Transformer, tokenizer: Tokenizer | None, chat_template: ChatTemplate | None = None):
+    self.model, self._tokenizer = model, tokenizer
+    self.args: ModelArgs = model.args
+    self.chat_template = chat_template or Llama2ChatTemplate()
+    self.decoder = Decoder(model)
+
+  @classmethod
+  def from_pretrained(cls, path: str | Path, tokenizer: str | Path | None = None, device: str | None = None,
+                      dtype: str | DType | None = None, max_seq_len: int | None = None,
+                      rope_scaling: dict | None = None, quantize: str | None = None, adapter: str | None = None) -> Llama:
+    if quantize is not None: raise ValueError("quantize= is not available yet in this version")
+    if adapter is not None: raise ValueError("adapter= is not available yet in this version")
+    ckpt = load_checkpoint(path)
+    args = ckpt.args
+    if rope_scaling is not None: args = args.replace(rope_scaling=RopeScaling.from_dict(rope_scaling))
+    if max_seq_len is not None:
+      if max_seq_len <= 0: raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+      warn_if_beyond_trained(args, max_seq_len)
+    stored = next(iter(ckpt.weights.values())).dtype
+    model = Transformer(args, max_seq_len=max_seq_len, dtype=resolve_dtype(dtype, stored), device=device)
+    model.load_weights(ckpt.weights)
+    tok_path = tokenizer if tokenizer is not None else ckpt.tokenizer_path
+    tok = Tokenizer(tok_path) if tok_path is not None else None
+    if tok is not None and tok.vocab_size > args.vocab_size:
+      raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model only {args.vocab_size} rows")
+    return cls(model, tok)
+
+  @property
+  def tokenizer(self) -> Tokenizer:
+    if self._tokenizer is None:
+      raise ValueError("this model has no tokenizer: pass tokenizer='path/to/tokenizer.model' (or --tokenizer), "
+                       "or work with token ids")
+    return self._tokenizer
+
+  @property
+  def eos_ids(self) -> set[int]:
+    ids = _eos_ids(self.args.eos_id)
+    if self._tokenizer is not None and self._tokenizer.eos_id >= 0: ids.add(self._tokenizer.eos_id)
+    return ids
+
+  def logits(self, ids: Sequence[int]) -> np.ndarray:
+    """[len(ids), vocab] float32 logits of a full forward pass from position 0."""
+    return self.decoder.prefill([int(i) for i in ids], all_logits=True)
+
+  def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+    if isinstance(prompt, str): return self.tokenizer.encode(prompt, bos=True)
+    ids = [int(i) for i in prompt]
+    bad = [i for i in ids if not 0 <= i < self.args.vocab_size]
+    if bad: raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.args.vocab_size - 1})")
+    return ids
+
+  def generate(self, prompt: str | Sequence[int] | list, max_new_tokens: int = 256, do_sample: bool = False,
+               temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, min_p: float = 0.0,
+               repetition_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
+               stop: str | list[str] | None = None, seed: int | None = None,
+               stream: bool = False) -> Generation | TextStream | list[Generation]:
+    """Hugging Face-style generation. stream=True returns a TextStream: iterate it for text pieces."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list, tuple)):
+      if stream: raise ValueError("stream=True takes a single prompt")
+      return [self.generate(p, max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+                            eos_token_id, stop, seed) for p in prompt]
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, eos_token_id=eos_token_id,
+                           stop=[stop] if isinstance(stop, str) else list(stop or []),
+                           sampling=SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty))
+    cfg.validate()
+    if cfg.stop and self._tokenizer is None: raise ValueError("stop strings need a tokenizer")
+    ids = self._prompt_ids(prompt)
+    self.decoder._check_len(len(ids))
+    eos = self.eos_ids if eos_token_id is None else _eos_ids(eos_token_id)
+    finish: dict = {}
+    text_stream = TextStream(generate_tokens(self.decoder, ids, cfg, eos, finish), ids, self._tokenizer, cfg.stop, finish)
+    if stream: return text_stream
+    for _ in text_stream: pass
+    return text_stream.generation
+
+  def chat(self, messages: list[dict], **generate_kwargs) -> Generation | TextStream:
+    ids = self.chat_template.encode(messages, self.tokenizer)
+    return self.generate(ids, **generate_kwargs)
+
+  def stream_tokens(self, prompt: Sequence[int], cfg: GenerationConfig) -> Iterator[int]:
+    return generate_tokens(self.decoder, list(prompt), cfg, self.eos_ids, {})

@@ -1,0 +1,209 @@
+"""The Llama decoder on tinygrad: RMSNorm, RoPE attention (MHA/MQA/GQA) with a KV cache, SwiGLU, output head.
+
+Weights follow Meta's names and layout (q/k rows in the interleaved RoPE layout, as in llama2.c); loaders
+convert other layouts into this one. The model knows nothing about files or tokenizers.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from tinygrad import Tensor, TinyJit, UOp, Variable, dtypes
+from tinygrad.dtype import DType
+
+from .config import ModelArgs
+from .rope import rope_tables
+
+
+def resolve_device(device: str | None) -> str:
+  """An explicit device, else the environment's DEV, else CPU (tinygrad alone would pick any GPU it finds)."""
+  from tinygrad import Device
+  name = device or os.environ.get("DEV") or "CPU"
+  try: return Device.canonicalize(name)
+  except Exception as e: raise ValueError(f"unknown device {name!r} ({e})") from None
+
+
+class Linear:
+  """A bias-free linear layer y = x @ W.T with W of shape [out, in] (PyTorch/Meta layout)."""
+  def __init__(self, in_features: int, out_features: int, dtype: DType, device: str):
+    self.weight = Tensor.empty(out_features, in_features, dtype=dtype, device=device)
+
+  def __call__(self, x: Tensor) -> Tensor: return x @ self.weight.T
+
+
+class RMSNorm:
+  def __init__(self, dim: int, eps: float, dtype: DType, device: str):
+    self.eps, self.weight = eps, Tensor.empty(dim, dtype=dtype, device=device)
+
+  def __call__(self, x: Tensor) -> Tensor:
+    xf = x.float()  # the mean of squares is taken in fp32 even for half weights, as Meta's reference does
+    return (xf * (xf.square().mean(-1, keepdim=True) + self.eps).rsqrt()).cast(x.dtype) * self.weight
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+  """Rotate interleaved pairs (2i, 2i+1) of x [B, T, H, D] by the angles of cos/sin [T, D/2]."""
+  B, T, H, D = x.shape
+  pairs = x.reshape(B, T, H, D // 2, 2)
+  x0, x1 = pairs[..., 0], pairs[..., 1]
+  c, s = cos.reshape(1, T, 1, D // 2).cast(x.dtype), sin.reshape(1, T, 1, D // 2).cast(x.dtype)
+  return Tensor.stack(x0 * c - x1 * s, x0 * s + x1 * c, dim=-1).reshape(B, T, H, D)
+
+
+class KVCache:
+  """Keys and values of one layer, [batch, n_kv_heads, max_seq_len, head_dim], allocated once.
+
+  It has no __dict__ (slots), so tinygrad's get_state_dict does not mistake the cache for parameters.
+  """
+  __slots__ = ("k", "v")
+
+  def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: DType, device: str):
+    self.k = Tensor.zeros(batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype, device=device).contiguous().realize()
+    self.v = Tensor.zeros(batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype, device=device).contiguous().realize()
+
+
+class Attention:
+  def __init__(self, args: ModelArgs, dtype: DType, device: str):
+    self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+    self.wq = Linear(args.dim, args.n_heads * args.head_dim, dtype, device)
+    self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, dtype, device)
+    self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, dtype, device)
+    self.wo = Linear(args.n_heads * args.head_dim, args.dim, dtype, device)
+
+  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
+    B, T, _ = x.shape
+    H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+    q = apply_rope(self.wq(x).reshape(B, T, H, D), cos, sin)
+    k = apply_rope(self.wk(x).reshape(B, T, KV, D), cos, sin)
+    v = self.wv(x).reshape(B, T, KV, D)
+    cache.k[:, :, start_pos:start_pos + T].assign(k.transpose(1, 2).cast(cache.k.dtype))
+    cache.v[:, :, start_pos:start_pos + T].assign(v.transpose(1, 2).cast(cache.v.dtype))
+    keys = cache.k[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)     # [B, KV, 1, S, D]
+    values = cache.v[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)
+    # query head h reads kv head h // (H // KV): group the query heads under their kv head
+    q = q.transpose(1, 2).reshape(B, KV, H // KV, T, D)
+    scores = (q @ keys.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # [B, KV, G, T, S]
+    if T > 1:
+      mask = Tensor.full((T, start_pos + T), float("-inf"), device=x.device).triu(start_pos + 1)
+      scores = scores + mask
+    out = scores.softmax(-1).cast(x.dtype) @ values                        # [B, KV, G, T, D]
+    return self.wo(out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
+
+
+class FeedForward:
+  def __init__(self, args: ModelArgs, dtype: DType, device: str):
+    self.w1 = Linear(args.dim, args.hidden_dim, dtype, device)   # gate
+    self.w2 = Linear(args.hidden_dim, args.dim, dtype, device)   # down
+    self.w3 = Linear(args.dim, args.hidden_dim, dtype, device)   # up
+
+  def __call__(self, x: Tensor) -> Tensor: return self.w2(self.w1(x).silu() * self.w3(x))
+
+
+class TransformerBlock:
+  def __init__(self, args: ModelArgs, dtype: DType, device: str):
+    self.attention = Attention(args, dtype, device)
+    self.feed_forward = FeedForward(args, dtype, device)
+    self.attention_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
+    self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
+
+  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
+    h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, cache)
+    return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer:
+  """Llama decoder. Parameters are created empty; fill them with `load_weights` or `init_random`."""
+
+  def __init__(self, args: ModelArgs, max_seq_len: int | None = None, dtype: DType = dtypes.float32,
+               device: str | None = None):
+    self.args, self.dtype = args, dtype
+    self.device = resolve_device(device)
+    self.max_seq_len = max_seq_len or args.default_max_seq_len()
+    self.tok_embeddings = Linear(args.dim, args.vocab_size, dtype, self.device)  # rows are embeddings: [vocab, dim]
+    self.layers = [TransformerBlock(args, dtype, self.device) for _ in range(args.n_layers)]
+    self.norm = RMSNorm(args.dim, args.norm_eps, dtype, self.device)
+    self.output = None if args.tie_embeddings else Linear(args.dim, args.vocab_size, dtype, self.device)
+    self._runtime = _Runtime(self)
+
+  # ---- parameters -------------------------------------------------------------------------------
+  def state_dict(self) -> dict[str, Tensor]:
+    from tinygrad.nn.state import get_state_dict
+    return {k: v for k, v in get_state_dict(self).items() if not k.startswith("_")}
+
+  def load_weights(self, weights: dict[str, np.ndarray | Tensor], strict: bool = True) -> None:
+    """Copy arrays into the parameters (cast to the model dtype), checking names and shapes."""
+    params = self.state_dict()
+    missing = sorted(set(params) - set(weights))
+    unexpected = sorted(set(weights) - set(params))
+    if strict and (missing or unexpected):
+      raise ValueError(f"weights do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                       f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    for name, param in params.items():
+      if name not in weights: continue
+      w = weights[name]
+      if tuple(w.shape) != tuple(param.shape):
+        raise ValueError(f"weight {name}: shape {tuple(w.shape)} does not match the model's {tuple(param.shape)}")
+      # a writable copy: some backends (OpenCL) refuse to copy from a read-only memory map
+      t = w if isinstance(w, Tensor) else Tensor(np.array(w, order="C"), device=self.device)
+      param.replace(t.to(self.device).cast(self.dtype).contiguous())
+    Tensor.realize(*params.values())
+
+  def init_random(self, seed: int = 0, std: float = 0.02) -> None:
+    """Seeded random init as in llama2.c's model.py (normal(0, 0.02), residual projections scaled, norms 1)."""
+    Tensor.manual_seed(seed)
+    for name, p in self.state_dict().items():
+      if name.endswith("norm.weight"): p.replace(Tensor.ones(*p.shape, dtype=self.dtype, device=self.device).contiguous())
+      else:
+        s = std / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
+        p.replace((Tensor.randn(*p.shape, device=self.device) * s).cast(self.dtype).contiguous())
+    Tensor.realize(*self.state_dict().values())
+
+  # ---- forward ----------------------------------------------------------------------------------
+  def output_weight(self) -> Tensor: return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+  def forward_hidden(self, x: Tensor, start_pos: int | UOp) -> Tensor:
+    rt = self._runtime
+    T = x.shape[1]
+    cos, sin = rt.cos[start_pos:start_pos + T], rt.sin[start_pos:start_pos + T]
+    for layer, cache in zip(self.layers, rt.caches(x.shape[0])): x = layer(x, start_pos, cos, sin, cache)
+    return self.norm(x)
+
+  def logits_from_hidden(self, h: Tensor) -> Tensor: return (h @ self.output_weight().T).float()
+
+  def embed(self, tokens: Tensor) -> Tensor:
+    """Embedding rows for int tokens [B, T] by comparison with an arange (tinygrad has no gather kernel)."""
+    w = self.tok_embeddings.weight
+    onehot = Tensor.arange(w.shape[0]) == tokens.unsqueeze(-1)
+    return onehot.unsqueeze(-1).where(w, 0).sum(-2, dtype=w.dtype)
+
+  def prefill(self, tokens: Tensor, start_pos: int | UOp, all_logits: bool = False) -> Tensor:
+    """Run tokens [B, T] at positions start_pos.. through the model, filling the cache; float32 logits."""
+    h = self.forward_hidden(self.embed(tokens), start_pos)
+    return self.logits_from_hidden(h if all_logits else h[:, -1:])
+
+  def decode_step(self, token: UOp, start_pos: UOp) -> Tensor:
+    """One token (a bound Variable, read from the embedding by a symbolic slice) → logits [1, vocab]."""
+    x = self.tok_embeddings.weight.shrink(((token, token + 1), None)).reshape(1, 1, self.args.dim)
+    return self.logits_from_hidden(self.forward_hidden(x, start_pos)).reshape(1, -1)
+
+
+class _Runtime:
+  """Per-model state that is not a parameter: RoPE tables, KV caches and the compiled decode step."""
+  __slots__ = ("model", "cos", "sin", "_caches", "decode_jit", "pos_var", "tok_var")
+
+  def __init__(self, model: Transformer):
+    a = model.args
+    self.model = model
+    cos, sin = rope_tables(a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings, model.max_seq_len)
+    self.cos, self.sin = Tensor(cos, device=model.device).realize(), Tensor(sin, device=model.device).realize()
+    self._caches: list[KVCache] | None = None
+    self.decode_jit = TinyJit(lambda tok, pos: model.decode_step(tok, pos).realize())
+    self.pos_var = Variable("start_pos", 0, model.max_seq_len - 1)
+    self.tok_var = Variable("token", 0, a.vocab_size - 1)
+
+  def caches(self, batch: int) -> list[KVCache]:
+    if self._caches is None or self._caches[0].k.shape[0] != batch:
+      a, m = self.model.args, self.model
+      self._caches = [KVCache(batch, a.n_kv_heads, m.max_seq_len, a.head_dim, m.dtype, m.device) for _ in range(a.n_layers)]
+      self.decode_jit.reset()
+    return self._caches

@@ -1,0 +1,82 @@
+"""SentencePiece tokenizer wrapper and chat templates (Llama-2 `[INST]` format and plain completion)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+
+class Tokenizer:
+  """A SentencePiece BPE model (Llama-2's or one trained with `vocab.py`)."""
+
+  def __init__(self, model_path: str | Path):
+    import sentencepiece as spm
+    path = Path(model_path).expanduser()
+    if not path.is_file(): raise FileNotFoundError(f"tokenizer not found: {path}")
+    self.path = path
+    self.sp = spm.SentencePieceProcessor()
+    try: self.sp.Load(str(path))
+    except (OSError, RuntimeError) as e:
+      raise ValueError(f"{path}: not a SentencePiece tokenizer model ({str(e).splitlines()[0]})") from None
+
+  @property
+  def vocab_size(self) -> int: return self.sp.vocab_size()
+  @property
+  def bos_id(self) -> int: return self.sp.bos_id()
+  @property
+  def eos_id(self) -> int: return self.sp.eos_id()
+
+  def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    if not isinstance(text, str): raise TypeError(f"encode expects a str, got {type(text).__name__}")
+    ids = self.sp.EncodeAsIds(text)
+    return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+  def decode(self, ids: Sequence[int]) -> str: return self.sp.DecodeIds([int(i) for i in ids])
+
+  def id_to_piece(self, i: int) -> str: return self.sp.IdToPiece(int(i))
+
+
+class ChatTemplate(Protocol):
+  """Turns [{"role", "content"}, ...] ending with a user message into prompt ids. Add your own by implementing it."""
+  def encode(self, messages: list[dict], tokenizer: Tokenizer) -> list[int]: ...
+
+
+def _check_messages(messages: list[dict]) -> list[dict]:
+  if not messages: raise ValueError("chat needs at least one message")
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+      raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+    if m["role"] not in ("system", "user", "assistant"):
+      raise ValueError(f"message {i}: unknown role {m['role']!r} (use system, user or assistant)")
+  return messages
+
+
+@dataclass(frozen=True)
+class Llama2ChatTemplate:
+  """Meta's Llama-2 chat format, built as its reference `chat_completion` builds it.
+
+  Per finished turn: [BOS] "[INST] {user} [/INST] {answer} " [EOS]; the open turn: [BOS] "[INST] {user} [/INST]".
+  A system prompt goes into the first user message as "<<SYS>>\\n{system}\\n<</SYS>>\\n\\n".
+  """
+  def encode(self, messages: list[dict], tokenizer: Tokenizer) -> list[int]:
+    msgs = [dict(m) for m in _check_messages(messages)]
+    if msgs[0]["role"] == "system":
+      if len(msgs) < 2: raise ValueError("a system message must be followed by a user message")
+      msgs = [{"role": msgs[1]["role"], "content": f"<<SYS>>\n{msgs[0]['content']}\n<</SYS>>\n\n{msgs[1]['content']}"}] + msgs[2:]
+    for i, m in enumerate(msgs):
+      want = "user" if i % 2 == 0 else "assistant"
+      if m["role"] != want:
+        raise ValueError(f"chat messages must alternate user/assistant (after an optional system message); "
+                         f"message {i} is {m['role']!r}, expected {want!r}")
+    if msgs[-1]["role"] != "user": raise ValueError("the last chat message must be from the user")
+    ids: list[int] = []
+    for user, answer in zip(msgs[0::2], msgs[1::2]):
+      ids += tokenizer.encode(f"[INST] {user['content'].strip()} [/INST] {answer['content'].strip()} ", bos=True, eos=True)
+    return ids + tokenizer.encode(f"[INST] {msgs[-1]['content'].strip()} [/INST]", bos=True, eos=False)
+
+
+@dataclass(frozen=True)
+class PlainTemplate:
+  """For base models: the conversation's text joined by newlines, continued by the model."""
+  def encode(self, messages: list[dict], tokenizer: Tokenizer) -> list[int]:
+    return tokenizer.encode("\n".join(m["content"] for m in _check_messages(messages)), bos=True)
