@@ -1,0 +1,32 @@
+"""Chat with a Llama model in the terminal (streamed), or answer one --prompt and exit.
+
+  python examples/chat.py --model path/to/llama-2-7b-chat-hf
+  python examples/chat.py --model stories260K.bin --tokenizer tok512.model --prompt "Once upon a time"
+"""
+import argparse
+import sys
+
+from tinyllama2.cli import chat_loop, load_model, run_cli
+
+
+def main() -> int:
+  p = argparse.ArgumentParser(description="chat with a Llama model")
+  p.add_argument("--model", required=True, help="HF model directory or llama2.c .bin")
+  p.add_argument("--tokenizer", help="tokenizer.model, when it is not beside the weights")
+  p.add_argument("--device", help="tinygrad device (default: $DEV, else CPU)")
+  p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: as stored)")
+  p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+  p.add_argument("--system", help="system prompt (chat models)")
+  p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
+  p.add_argument("--prompt", help="answer this message and exit")
+  p.add_argument("--template", choices=["auto", "llama2", "plain"], default="auto", help="chat format")
+  p.add_argument("--seed", type=int, help="sampling seed")
+  a = p.parse_args()
+  a.max_seq_len, a.rope_scaling = None, None
+  gen = dict(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0, temperature=a.temperature or 1.0,
+             top_p=0.9, top_k=0, seed=a.seed)
+  return run_cli(lambda a: chat_loop(load_model(a), a.system, a.template, a.prompt, gen, a.model), a)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

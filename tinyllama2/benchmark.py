@@ -1,0 +1,146 @@
+"""Benchmark: prefill and decode tokens/s, first-token latency (cold and warm), memory, bandwidth fraction.
+
+Numbers are reported against the machine's own read bandwidth (measured with numpy in the same process),
+so a decode figure reads as "fraction of what memory allows".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+SHAPES = ("stories260K", "stories15M", "stories110M", "tinyllama-1.1b", "llama2-7b")
+
+
+@dataclass
+class BenchResult:
+  model: str
+  device: str
+  dtype: str
+  params_m: float
+  weight_mb: float
+  prefill_tok_s: float
+  decode_tok_s: float
+  ttft_cold_s: float
+  ttft_warm_s: float
+  peak_rss_mb: float
+  device_mem_mb: float
+  bandwidth_gb_s: float
+  decode_frac_of_bw: float
+  kernels_per_token: int
+
+
+def measure_read_bandwidth(n_bytes: int = 1 << 30, threads: int | None = None, repeats: int = 3) -> float:
+  """GB/s of summing a large float32 array with one numpy thread per core (numpy releases the GIL)."""
+  import os
+  threads = threads or os.cpu_count() or 1
+  a = np.ones(n_bytes // 4, dtype=np.float32)
+  parts = np.array_split(a, threads)
+  best = float("inf")
+  for _ in range(repeats):
+    ts = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
+    t0 = time.perf_counter()
+    for t in ts: t.start()
+    for t in ts: t.join()
+    best = min(best, time.perf_counter() - t0)
+  return a.nbytes / best / 1e9
+
+
+def _kernels_per_decode_step(decoder, token: int, pos: int) -> int:
+  from tinygrad import GlobalCounters
+  GlobalCounters.reset()
+  decoder.step(token, pos)
+  return GlobalCounters.kernel_count
+
+
+def build_model(model: str, device: str | None, dtype: str, max_seq_len: int, tokenizer: str | None = None):
+  """A Llama from a path, or a named shape with seeded random weights."""
+  from .config import PRESETS, preset
+  from .llama import Llama, resolve_dtype
+  from .model import Transformer
+  if model in PRESETS:
+    args = preset(model)
+    m = Transformer(args, max_seq_len=max(max_seq_len, 8), dtype=resolve_dtype(dtype), device=device)
+    m.init_random(seed=0)
+    return Llama(m, None)
+  return Llama.from_pretrained(model, tokenizer=tokenizer, device=device, dtype=dtype, max_seq_len=max_seq_len)
+
+
+def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128, new_tokens: int = 128,
+              bandwidth: float | None = None, tokenizer: str | None = None) -> BenchResult:
+  from tinygrad import GlobalCounters
+  llm = build_model(model, device, dtype, prompt_len + new_tokens + 1, tokenizer)
+  m, dec = llm.model, llm.decoder
+  rng = np.random.default_rng(0)
+  prompt = [1] + rng.integers(3, m.args.vocab_size, prompt_len - 1).tolist()
+
+  def run() -> tuple[float, float, float, int]:
+    t0 = time.perf_counter()
+    logits = dec.prefill(prompt)
+    tok = int(np.argmax(logits))
+    ttft = time.perf_counter() - t0
+    warmup = 3  # the JIT runs, captures, then replays: time only the replays
+    for i in range(warmup): tok = int(np.argmax(dec.step(tok, prompt_len + i)))
+    t1 = time.perf_counter()
+    for i in range(warmup, new_tokens): tok = int(np.argmax(dec.step(tok, prompt_len + i)))
+    decode = (new_tokens - warmup) / (time.perf_counter() - t1)
+    return ttft, prompt_len / ttft, decode, tok
+
+  ttft_cold, _, _, _ = run()
+  ttft_warm, prefill, decode, tok = run()
+  kernels = _kernels_per_decode_step(dec, tok, prompt_len)
+  weight_bytes = sum(p.nbytes() for p in m.state_dict().values())
+  bw = bandwidth or measure_read_bandwidth()
+  return BenchResult(model=model, device=m.device, dtype=str(m.dtype.name), params_m=m.args.n_params() / 1e6,
+                     weight_mb=weight_bytes / 1e6, prefill_tok_s=prefill, decode_tok_s=decode, ttft_cold_s=ttft_cold,
+                     ttft_warm_s=ttft_warm, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                     device_mem_mb=GlobalCounters.mem_used / 1e6, bandwidth_gb_s=bw,
+                     decode_frac_of_bw=weight_bytes * decode / (bw * 1e9), kernels_per_token=kernels)
+
+
+def format_table(rows: list[BenchResult]) -> str:
+  head = ("model", "device", "dtype", "weights MB", "prefill tok/s", "decode tok/s", "of bw", "TTFT cold s",
+          "TTFT warm s", "kernels/tok", "peak RSS MB")
+  lines = [" | ".join(head), " | ".join("---" for _ in head)]
+  for r in rows:
+    lines.append(" | ".join([r.model, r.device, r.dtype, f"{r.weight_mb:.1f}", f"{r.prefill_tok_s:.1f}",
+                             f"{r.decode_tok_s:.1f}", f"{r.decode_frac_of_bw:.2f}", f"{r.ttft_cold_s:.2f}",
+                             f"{r.ttft_warm_s:.3f}", str(r.kernels_per_token), f"{r.peak_rss_mb:.0f}"]))
+  return "\n".join(lines)
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--model", action="append", help=f"model path, or a random-weight shape: {', '.join(SHAPES)} "
+                 "(repeatable; default stories15M)")
+  p.add_argument("--shape", action="append", help="alias of --model for a named shape")
+  p.add_argument("--tokenizer", help="tokenizer.model for a model path (not needed for benchmarking)")
+  p.add_argument("--device", action="append", help="tinygrad device(s) (repeatable; default $DEV, else CPU)")
+  p.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"], help="dtype(s) (repeatable)")
+  p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for prefill")
+  p.add_argument("--new-tokens", type=int, default=128, help="decode steps")
+  p.add_argument("--json", help="also write results as JSON to this file ('-' for stdout only)")
+
+
+def main(a: argparse.Namespace) -> list[BenchResult]:
+  from tqdm import tqdm
+  models = (a.model or []) + (a.shape or []) or ["stories15M"]
+  devices, dtypes_ = a.device or [None], a.dtype or ["float32"]
+  bw = measure_read_bandwidth()
+  combos = [(m, d, t) for m in models for d in devices for t in dtypes_]
+  rows = []
+  for m, d, t in tqdm(combos, desc="bench", file=sys.stderr, disable=len(combos) < 2):
+    rows.append(bench_one(m, d, t, a.prompt_len, a.new_tokens, bandwidth=bw, tokenizer=a.tokenizer))
+  if a.json == "-": print(json.dumps([asdict(r) for r in rows], indent=2))
+  else:
+    print(format_table(rows))
+    print(f"read bandwidth (numpy, all cores): {bw:.1f} GB/s")
+    if a.json:
+      from .fileio import write_text
+      write_text(a.json, json.dumps([asdict(r) for r in rows], indent=2))
+  return rows

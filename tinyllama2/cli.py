@@ -1,0 +1,180 @@
+"""`tinyllama2` command line: chat, generate, convert, bench. User errors print one line and exit non-zero."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL_HELP = "model: a Hugging Face directory or a llama2.c .bin"
+
+
+def parse_rope_scaling(text: str | None) -> dict | None:
+  """'linear:2', 'dynamic:4' or a JSON object as in config.json."""
+  if text is None: return None
+  if text.lstrip().startswith("{"):
+    try: return json.loads(text)
+    except json.JSONDecodeError as e: raise ValueError(f"--rope-scaling: invalid JSON ({e})") from None
+  kind, _, factor = text.partition(":")
+  try: return {"type": kind, "factor": float(factor)}
+  except ValueError: raise ValueError(f"--rope-scaling: expected TYPE:FACTOR (e.g. linear:2) or JSON, got {text!r}") from None
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+  p.add_argument("--model", required=required, help=DEFAULT_MODEL_HELP)
+  p.add_argument("--tokenizer", help="tokenizer.model path when it is not beside the weights")
+  p.add_argument("--device", help="tinygrad device, e.g. CPU, CL, CUDA, METAL (default: $DEV, else CPU)")
+  p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: as stored)")
+  p.add_argument("--max-seq-len", type=int, help="context length (default: the checkpoint's trained context)")
+  p.add_argument("--rope-scaling", help="override RoPE scaling: TYPE:FACTOR (linear, dynamic, llama3, yarn) or JSON")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most")
+  p.add_argument("--temperature", type=float, default=0.0,
+                 help="sampling temperature; 0 means greedy decoding (CLI only: the API raises instead)")
+  p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0 = off)")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set with this mass")
+  p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × the top probability")
+  p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for tokens already seen (HF meaning)")
+  p.add_argument("--seed", type=int, help="random seed for sampling")
+  p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_kwargs(a: argparse.Namespace) -> dict:
+  return dict(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0, temperature=a.temperature or 1.0,
+              top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed,
+              stop=a.stop or None)
+
+
+def load_model(a: argparse.Namespace):
+  from .llama import Llama
+  return Llama.from_pretrained(a.model, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
+                               max_seq_len=a.max_seq_len, rope_scaling=parse_rope_scaling(a.rope_scaling))
+
+
+def is_chat_model(path: str) -> bool:
+  """Llama-2 chat checkpoints are named *-chat*; others are treated as base models that continue text."""
+  p = Path(path)
+  cfg = p / "tokenizer_config.json"
+  if cfg.is_file():
+    try:
+      if "chat_template" in json.loads(cfg.read_text()): return True
+    except (json.JSONDecodeError, UnicodeDecodeError): pass
+  return any(w in p.name.lower() for w in ("chat", "instruct"))
+
+
+def chat_loop(llm, system: str | None, template: str, prompt: str | None, gen_kwargs: dict, model_path: str) -> None:
+  from .tokenizer import Llama2ChatTemplate, PlainTemplate
+  use_chat = template == "llama2" or (template == "auto" and is_chat_model(model_path))
+  llm.chat_template = Llama2ChatTemplate() if use_chat else PlainTemplate()
+  messages: list[dict] = [{"role": "system", "content": system}] if system and use_chat else []
+  transcript = system + "\n" if system and not use_chat else ""
+  interactive = prompt is None
+  if interactive: print(f"tinyllama2 chat ({'chat format' if use_chat else 'text continuation'}); Ctrl-D to quit")
+  while True:
+    if interactive:
+      try: user = input("> ")
+      except (EOFError, KeyboardInterrupt):
+        print()
+        return
+      if not user.strip(): continue
+    else: user = prompt
+    if use_chat:
+      messages.append({"role": "user", "content": user})
+      stream = llm.chat(messages, stream=True, **gen_kwargs)
+    else:
+      transcript += user
+      stream = llm.generate(transcript, stream=True, **gen_kwargs)
+      if not interactive: print(user, end="", flush=True)
+    for piece in stream: print(piece, end="", flush=True)
+    print()
+    answer = stream.generation.text
+    if use_chat: messages.append({"role": "assistant", "content": answer})
+    else: transcript += answer + "\n"
+    if not interactive: return
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+  llm = load_model(a)
+  kw = sampling_kwargs(a)
+  if a.json:
+    g = llm.generate(a.prompt, **kw)
+    print(json.dumps({"text": g.text, "tokens": g.tokens, "prompt_tokens": g.prompt_tokens,
+                      "finish_reason": g.finish_reason, "prefill_tokens_per_s": g.prefill_tokens_per_s,
+                      "decode_tokens_per_s": g.decode_tokens_per_s, "time_to_first_token_s": g.time_to_first_token_s}))
+    return
+  for piece in llm.generate(a.prompt, stream=True, **kw): print(piece, end="", flush=True)
+  print()
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+  chat_loop(load_model(a), a.system, a.template, a.prompt, sampling_kwargs(a), a.model)
+
+
+def cmd_convert(a: argparse.Namespace) -> None:
+  from .checkpoint import hf, load_checkpoint
+  out = Path(a.out)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.force:
+    raise ValueError(f"{out} already exists and is not empty; choose another folder or pass --force")
+  ckpt = load_checkpoint(a.src)
+  tok = a.tokenizer or ckpt.tokenizer_path
+  dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(a.dtype, a.dtype)
+  if a.to == "hf": hf.save(out, ckpt.args, ckpt.weights, tokenizer_model=tok, dtype=dtype)
+  print(f"wrote {a.to} model to {out}")
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+  from .benchmark import main as bench_main
+  bench_main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from .benchmark import add_bench_args
+  p = argparse.ArgumentParser(prog="tinyllama2", description="Llama-2 on tinygrad")
+  sub = p.add_subparsers(dest="command", required=True)
+  g = sub.add_parser("generate", help="continue a prompt")
+  add_model_args(g)
+  add_sampling_args(g)
+  g.add_argument("--prompt", required=True, help="the text to continue")
+  g.add_argument("--json", action="store_true", help="print one JSON object with text, tokens and timings")
+  g.set_defaults(fn=cmd_generate)
+  c = sub.add_parser("chat", help="interactive chat (or one answer with --prompt)")
+  add_model_args(c)
+  add_sampling_args(c)
+  c.add_argument("--system", help="system prompt")
+  c.add_argument("--prompt", help="answer this one message and exit")
+  c.add_argument("--template", choices=["auto", "llama2", "plain"], default="auto",
+                 help="chat format: llama2 [INST] format, plain continuation, or auto (by model name)")
+  c.set_defaults(fn=cmd_chat)
+  v = sub.add_parser("convert", help="convert a checkpoint to another format")
+  v.add_argument("src", help="source model (HF directory or llama2.c .bin)")
+  v.add_argument("--to", choices=["hf"], required=True, help="target format")
+  v.add_argument("out", help="output folder")
+  v.add_argument("--tokenizer", help="tokenizer.model to include")
+  v.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32", help="stored dtype")
+  v.add_argument("--force", action="store_true", help="write into an existing non-empty folder")
+  v.set_defaults(fn=cmd_convert)
+  b = sub.add_parser("bench", help="prefill/decode speed, first-token latency, memory")
+  add_bench_args(b)
+  b.set_defaults(fn=cmd_bench)
+  return p
+
+
+def run_cli(fn, a: argparse.Namespace) -> int:
+  try: fn(a)
+  except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    return 130
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  a = build_parser().parse_args(argv)
+  return run_cli(a.fn, a)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
