@@ -33,3 +33,12 @@ def test_generate_json():
   assert r.returncode == 0, r.stderr
   out = json.loads(r.stdout)
   assert out["finish_reason"] == "length" and len(out["tokens"]) == 8 and out["prompt_tokens"] == [1, 317, 286]
+
+
+def test_chat_example_interactive_session():
+  need(STORIES, TOK512)
+  r = subprocess.run([sys.executable, "examples/chat.py", "--model", str(STORIES), "--tokenizer", str(TOK512),
+                      "--temperature", "0", "--max-new-tokens", "10"], input="Lily was\nThe sun\n",
+                     capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.count("> ") == 3 and " a little girl" in r.stdout   # two answers, then Ctrl-D at the third prompt

@@ -76,3 +76,10 @@ def test_wrong_tokenizer_file(tmp_path):
   bad.write_bytes(b"not a model")
   with pytest.raises(ValueError, match="not a SentencePiece"):
     Llama.from_pretrained(STORIES, tokenizer=bad)
+
+
+def test_context_beyond_trained_warns():
+  need(STORIES)
+  with pytest.warns(UserWarning, match="beyond the trained context 512"):
+    llm = Llama.from_pretrained(STORIES, max_seq_len=1024)
+  assert llm.model.max_seq_len == 1024
