@@ -97,7 +97,7 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
   kernels = _kernels_per_decode_step(dec, tok, prompt_len)
   weight_bytes = sum(p.nbytes() for p in m.state_dict().values())
   bw = bandwidth or measure_read_bandwidth()
-  return BenchResult(model=model, device=m.device, dtype=str(m.dtype.name), params_m=m.args.n_params() / 1e6,
+  return BenchResult(model=model, device=m.device, dtype={"float": "float32", "half": "float16"}.get(m.dtype.name, m.dtype.name), params_m=m.args.n_params() / 1e6,
                      weight_mb=weight_bytes / 1e6, prefill_tok_s=prefill, decode_tok_s=decode, ttft_cold_s=ttft_cold,
                      ttft_warm_s=ttft_warm, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                      device_mem_mb=GlobalCounters.mem_used / 1e6, bandwidth_gb_s=bw,

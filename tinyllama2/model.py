@@ -8,18 +8,21 @@ from __future__ import annotations
 import math
 import os
 
-import numpy as np
-from tinygrad import Tensor, TinyJit, UOp, Variable, dtypes
-from tinygrad.dtype import DType
+# read before tinygrad picks its default device: it then writes DEV into the environment itself
+_USER_DEV = os.environ.get("DEV")
 
-from .config import ModelArgs
-from .rope import rope_tables
+import numpy as np  # noqa: E402
+from tinygrad import Tensor, TinyJit, UOp, Variable, dtypes  # noqa: E402
+from tinygrad.dtype import DType  # noqa: E402
+
+from .config import ModelArgs  # noqa: E402
+from .rope import rope_tables  # noqa: E402
 
 
 def resolve_device(device: str | None) -> str:
   """An explicit device, else the environment's DEV, else CPU (tinygrad alone would pick any GPU it finds)."""
   from tinygrad import Device
-  name = device or os.environ.get("DEV") or "CPU"
+  name = device or _USER_DEV or "CPU"
   try: return Device.canonicalize(name)
   except Exception as e: raise ValueError(f"unknown device {name!r} ({e})") from None
 
