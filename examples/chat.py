@@ -21,6 +21,7 @@ def main() -> int:
   p.add_argument("--prompt", help="answer this message and exit")
   p.add_argument("--template", choices=["auto", "llama2", "plain"], default="auto", help="chat format")
   p.add_argument("--seed", type=int, help="sampling seed")
+  p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization")
   a = p.parse_args()
   a.max_seq_len, a.rope_scaling = None, None
   gen = dict(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0, temperature=a.temperature or 1.0,

@@ -27,6 +27,7 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
   p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: as stored)")
   p.add_argument("--max-seq-len", type=int, help="context length (default: the checkpoint's trained context)")
   p.add_argument("--rope-scaling", help="override RoPE scaling: TYPE:FACTOR (linear, dynamic, llama3, yarn) or JSON")
+  p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization (Q8_0 / Q4_0 blocks of 32)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +51,8 @@ def sampling_kwargs(a: argparse.Namespace) -> dict:
 def load_model(a: argparse.Namespace):
   from .llama import Llama
   return Llama.from_pretrained(a.model, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
-                               max_seq_len=a.max_seq_len, rope_scaling=parse_rope_scaling(a.rope_scaling))
+                               max_seq_len=a.max_seq_len, rope_scaling=parse_rope_scaling(a.rope_scaling),
+                               quantize=getattr(a, "quantize", None))
 
 
 def is_chat_model(path: str) -> bool:

@@ -40,7 +40,9 @@ class Llama:
   def from_pretrained(cls, path: str | Path, tokenizer: str | Path | None = None, device: str | None = None,
                       dtype: str | DType | None = None, max_seq_len: int | None = None,
                       rope_scaling: dict | None = None, quantize: str | None = None, adapter: str | None = None) -> Llama:
-    if quantize is not None: raise ValueError("quantize= is not available yet in this version")
+    from .quantize import MODES, quantize_model
+    if quantize is not None and quantize not in MODES:
+      raise ValueError(f"unknown quantize={quantize!r}; use one of {', '.join(MODES)}")
     if adapter is not None: raise ValueError("adapter= is not available yet in this version")
     ckpt = load_checkpoint(path)
     args = ckpt.args
@@ -51,6 +53,7 @@ class Llama:
     stored = next(iter(ckpt.weights.values())).dtype
     model = Transformer(args, max_seq_len=max_seq_len, dtype=resolve_dtype(dtype, stored), device=device)
     model.load_weights(ckpt.weights)
+    if quantize is not None: quantize_model(model, quantize)
     tok_path = tokenizer if tokenizer is not None else ckpt.tokenizer_path
     tok = Tokenizer(tok_path) if tok_path is not None else None
     if tok is not None and tok.vocab_size > args.vocab_size:

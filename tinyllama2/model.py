@@ -32,6 +32,12 @@ class Linear:
   def __init__(self, in_features: int, out_features: int, dtype: DType, device: str):
     self.weight = Tensor.empty(out_features, in_features, dtype=dtype, device=device)
 
+  @classmethod
+  def wrap(cls, weight: Tensor) -> Linear:
+    lin = cls.__new__(cls)
+    lin.weight = weight
+    return lin
+
   def __call__(self, x: Tensor) -> Tensor: return x @ self.weight.T
 
 
@@ -126,6 +132,7 @@ class Transformer:
     self.layers = [TransformerBlock(args, dtype, self.device) for _ in range(args.n_layers)]
     self.norm = RMSNorm(args.dim, args.norm_eps, dtype, self.device)
     self.output = None if args.tie_embeddings else Linear(args.dim, args.vocab_size, dtype, self.device)
+    self.quantization: str | None = None   # set by quantize.quantize_model
     self._runtime = _Runtime(self)
 
   # ---- parameters -------------------------------------------------------------------------------
@@ -162,8 +169,6 @@ class Transformer:
     Tensor.realize(*self.state_dict().values())
 
   # ---- forward ----------------------------------------------------------------------------------
-  def output_weight(self) -> Tensor: return self.tok_embeddings.weight if self.output is None else self.output.weight
-
   def forward_hidden(self, x: Tensor, start_pos: int | UOp) -> Tensor:
     rt = self._runtime
     T = x.shape[1]
@@ -171,7 +176,9 @@ class Transformer:
     for layer, cache in zip(self.layers, rt.caches(x.shape[0])): x = layer(x, start_pos, cos, sin, cache)
     return self.norm(x)
 
-  def logits_from_hidden(self, h: Tensor) -> Tensor: return (h @ self.output_weight().T).float()
+  def logits_from_hidden(self, h: Tensor) -> Tensor:
+    head = self.output if self.output is not None else Linear.wrap(self.tok_embeddings.weight)
+    return head(h).float()
 
   def embed(self, tokens: Tensor) -> Tensor:
     """Embedding rows for int tokens [B, T] by comparison with an arange (tinygrad has no gather kernel)."""

@@ -1,0 +1,84 @@
+"""Weight-only quantization: Q8_0 ("int8") and Q4_0 ("int4") blocks of 32, laid out as in GGUF.
+
+Quantization runs on the device with tinygrad ops. At run time the dequantization is a lazy elementwise
+expression on the packed weights, so tinygrad fuses it into the matmul kernel: decode reads the int8/int4
+bytes and the fp16 scales, never a float copy of the weights.
+"""
+from __future__ import annotations
+
+from tinygrad import Tensor, dtypes
+from tinygrad.dtype import DType
+
+BLOCK = 32
+MODES = ("int8", "int4")
+
+
+class QuantLinear:
+  """y = x @ dequant(W).T with W [out, in] stored as Q8_0 or Q4_0 blocks along `in`."""
+
+  def __init__(self, mode: str, packed: Tensor, scale: Tensor, in_features: int, dtype: DType):
+    if mode not in MODES: raise ValueError(f"unknown quantization {mode!r}; use one of {MODES}")
+    self.mode, self.packed, self.scale, self.in_features, self.dtype = mode, packed, scale, in_features, dtype
+
+  @property
+  def out_features(self) -> int: return self.packed.shape[0]
+
+  @classmethod
+  def from_float(cls, weight: Tensor, mode: str) -> QuantLinear:
+    out, k = weight.shape
+    if k % BLOCK: raise ValueError(f"cannot quantize a [{out}, {k}] weight: {k} is not a multiple of {BLOCK}")
+    blocks = weight.float().reshape(out, k // BLOCK, BLOCK)
+    packed, scale = (quantize_q8_0 if mode == "int8" else quantize_q4_0)(blocks)
+    q = cls(mode, packed.contiguous(), scale.contiguous(), k, weight.dtype)
+    Tensor.realize(q.packed, q.scale)
+    return q
+
+  def dequantize(self) -> Tensor:
+    d = self.scale.cast(self.dtype).unsqueeze(-1)
+    if self.mode == "int8": vals = self.packed.cast(self.dtype)
+    else:
+      lo, hi = self.packed.bitwise_and(15), self.packed.rshift(4)
+      vals = lo.cat(hi, dim=-1).cast(self.dtype) - 8
+    return (vals * d).reshape(self.out_features, self.in_features)
+
+  def __call__(self, x: Tensor) -> Tensor: return x @ self.dequantize().T
+
+  def nbytes(self) -> int: return self.packed.nbytes() + self.scale.nbytes()
+
+
+def quantize_q8_0(blocks: Tensor) -> tuple[Tensor, Tensor]:
+  """blocks [..., 32] float → (int8 values [..., 32], fp16 scales [...]): d = max|x| / 127, q = round(x / d)."""
+  d = blocks.abs().max(-1) / 127
+  inv = (d > 0).where(1 / d.maximum(1e-30), 0)
+  q = (blocks * inv.unsqueeze(-1)).round().clip(-127, 127).cast(dtypes.int8)
+  return q, d.cast(dtypes.float16)
+
+
+def quantize_q4_0(blocks: Tensor) -> tuple[Tensor, Tensor]:
+  """llama.cpp's Q4_0: d = (the value of largest magnitude) / -8, q = min(15, trunc(x / d + 8.5)).
+  Two values per byte: element j in the low nibble of byte j, element j + 16 in the high nibble."""
+  hi_v, lo_v = blocks.max(-1), blocks.min(-1)
+  signed_max = (hi_v >= -lo_v).where(hi_v, lo_v)
+  d = signed_max / -8
+  inv = (d != 0).where(1 / (d + (d == 0).cast(d.dtype)), 0)
+  q = (blocks * inv.unsqueeze(-1) + 8.5).floor().clip(0, 15).cast(dtypes.uint8)
+  half = BLOCK // 2
+  packed = q[..., :half].bitwise_or(q[..., half:].lshift(4))
+  return packed, d.cast(dtypes.float16)
+
+
+def quantize_model(model, mode: str) -> None:
+  """Replace the projections of every layer and the output head by QuantLinear (the embedding stays float).
+
+  A matrix whose input width is not a multiple of 32 stays float, as llama.cpp falls back for such rows."""
+  from .model import Linear
+  if mode not in MODES: raise ValueError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
+  for layer in model.layers:
+    for owner, names in ((layer.attention, ("wq", "wk", "wv", "wo")), (layer.feed_forward, ("w1", "w2", "w3"))):
+      for name in names:
+        weight = getattr(owner, name).weight
+        if weight.shape[1] % BLOCK == 0: setattr(owner, name, QuantLinear.from_float(weight, mode))
+  head = model.output if model.output is not None else Linear.wrap(model.tok_embeddings.weight)
+  model.output = QuantLinear.from_float(head.weight, mode)
+  model.quantization = mode
+  model._runtime.decode_jit.reset()   # a step captured before holds the float weights
