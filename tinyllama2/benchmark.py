@@ -6,7 +6,10 @@ so a decode figure reads as "fraction of what memory allows".
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import re
 import resource
 import sys
 import threading
@@ -52,6 +55,25 @@ def measure_read_bandwidth(n_bytes: int = 1 << 30, threads: int | None = None, r
   return a.nbytes / best / 1e9
 
 
+def measure_device_bandwidth(device: str, n_bytes: int = 1 << 30) -> float:
+  """GB/s of a reduction over a large buffer on a tinygrad device (for GPUs; the CPU uses numpy)."""
+  from tinygrad import Tensor, TinyJit
+  x = Tensor.ones(n_bytes // 4 // 4096, 4096, device=device).contiguous().realize()
+  f = TinyJit(lambda: x.sum(1).realize())
+  for _ in range(3): f()
+  t0 = time.perf_counter()
+  for _ in range(10): out = f()
+  out.numpy()
+  return n_bytes * 10 / (time.perf_counter() - t0) / 1e9
+
+
+def bytes_per_decode_step(model) -> int:
+  """Parameter bytes one decode step reads: all of them, except the embedding table (one row is read)
+  unless it doubles as the output head."""
+  total = sum(p.nbytes() for p in model.state_dict().values())
+  return total - (model.tok_embeddings.weight.nbytes() if model.output is not None else 0)
+
+
 def _kernels_per_decode_step(decoder, token: int, pos: int) -> int:
   from tinygrad import GlobalCounters
   GlobalCounters.reset()
@@ -59,23 +81,55 @@ def _kernels_per_decode_step(decoder, token: int, pos: int) -> int:
   return GlobalCounters.kernel_count
 
 
-def build_model(model: str, device: str | None, dtype: str, max_seq_len: int, tokenizer: str | None = None):
+def build_model(model: str, device: str | None, dtype: str, max_seq_len: int, tokenizer: str | None = None,
+                quantize: str | None = None):
   """A Llama from a path, or a named shape with seeded random weights."""
   from .config import PRESETS, preset
   from .llama import Llama, resolve_dtype
   from .model import Transformer
+  from .quantize import quantize_model
   if model in PRESETS:
     args = preset(model)
     m = Transformer(args, max_seq_len=max(max_seq_len, 8), dtype=resolve_dtype(dtype), device=device)
     m.init_random(seed=0)
+    if quantize: quantize_model(m, quantize)
     return Llama(m, None)
-  return Llama.from_pretrained(model, tokenizer=tokenizer, device=device, dtype=dtype, max_seq_len=max_seq_len)
+  return Llama.from_pretrained(model, tokenizer=tokenizer, device=device, dtype=dtype, max_seq_len=max_seq_len,
+                               quantize=quantize)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_KERNEL_LINE = re.compile(r"\*\*\*\s+(\S+)\s+\d+\s+(.+?)\s+arg\s+\d+\s+mem.*?tm\s+([\d.]+)(us|ms|s)/.*?(\d+)\|(\d+)\s+GB/s")
+
+
+def profile_decode(decoder, token: int, pos: int) -> list[tuple[str, float, float]]:
+  """(kernel, microseconds, GB/s) for each kernel of one decode step, from tinygrad's DEBUG=2 timing lines."""
+  from tinygrad import Context
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf), Context(DEBUG=2): decoder.step(token, pos)
+  rows = []
+  for line in _ANSI.sub("", buf.getvalue()).splitlines():
+    m = _KERNEL_LINE.search(line)
+    if m is None: continue
+    t = float(m.group(3)) * {"us": 1, "ms": 1e3, "s": 1e6}[m.group(4)]
+    rows.append((m.group(2).strip(), t, float(m.group(5))))
+  return rows
+
+
+def format_profile(rows: list[tuple[str, float, float]], top: int = 15) -> str:
+  total = sum(t for _, t, _ in rows)
+  lines = [f"{len(rows)} kernels, {total / 1e3:.2f} ms of kernel time per decode step; slowest:",
+           "kernel | us | share | GB/s", "--- | --- | --- | ---"]
+  for name, t, gbs in sorted(rows, key=lambda r: -r[1])[:top]:
+    lines.append(f"{name} | {t:.0f} | {t / max(total, 1e-9):.0%} | {gbs:.0f}")
+  return "\n".join(lines)
 
 
 def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128, new_tokens: int = 128,
-              bandwidth: float | None = None, tokenizer: str | None = None) -> BenchResult:
+              bandwidth: float | None = None, tokenizer: str | None = None, quantize: str | None = None,
+              profile: bool = False) -> BenchResult:
   from tinygrad import GlobalCounters
-  llm = build_model(model, device, dtype, prompt_len + new_tokens + 1, tokenizer)
+  llm = build_model(model, device, dtype, prompt_len + new_tokens + 1, tokenizer, quantize)
   m, dec = llm.model, llm.decoder
   rng = np.random.default_rng(0)
   prompt = [1] + rng.integers(3, m.args.vocab_size, prompt_len - 1).tolist()
@@ -95,9 +149,11 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
   ttft_cold, _, _, _ = run()
   ttft_warm, prefill, decode, tok = run()
   kernels = _kernels_per_decode_step(dec, tok, prompt_len)
-  weight_bytes = sum(p.nbytes() for p in m.state_dict().values())
-  bw = bandwidth or measure_read_bandwidth()
-  return BenchResult(model=model, device=m.device, dtype={"float": "float32", "half": "float16"}.get(m.dtype.name, m.dtype.name), params_m=m.args.n_params() / 1e6,
+  if profile: print(f"\n{model} {m.device} {dtype} {quantize or ''}\n" + format_profile(profile_decode(dec, tok, prompt_len)))
+  weight_bytes = bytes_per_decode_step(m)
+  bw = (bandwidth or measure_read_bandwidth()) if m.device.startswith("CPU") else measure_device_bandwidth(m.device)
+  dtype_name = {"float": "float32", "half": "float16"}.get(m.dtype.name, m.dtype.name)
+  return BenchResult(model=model, device=m.device, dtype=dtype_name + (f"+{quantize}" if quantize else ""), params_m=m.args.n_params() / 1e6,
                      weight_mb=weight_bytes / 1e6, prefill_tok_s=prefill, decode_tok_s=decode, ttft_cold_s=ttft_cold,
                      ttft_warm_s=ttft_warm, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                      device_mem_mb=GlobalCounters.mem_used / 1e6, bandwidth_gb_s=bw,
@@ -105,7 +161,7 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
 
 
 def format_table(rows: list[BenchResult]) -> str:
-  head = ("model", "device", "dtype", "weights MB", "prefill tok/s", "decode tok/s", "of bw", "TTFT cold s",
+  head = ("model", "device", "dtype", "MB read/token", "prefill tok/s", "decode tok/s", "of bw", "TTFT cold s",
           "TTFT warm s", "kernels/tok", "peak RSS MB")
   lines = [" | ".join(head), " | ".join("---" for _ in head)]
   for r in rows:
@@ -124,6 +180,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"], help="dtype(s) (repeatable)")
   p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for prefill")
   p.add_argument("--new-tokens", type=int, default=128, help="decode steps")
+  p.add_argument("--quantize", action="append", choices=["none", "int8", "int4"], help="weight quantization(s)")
+  p.add_argument("--profile", action="store_true", help="print the kernels of one decode step with time and GB/s")
   p.add_argument("--json", help="also write results as JSON to this file ('-' for stdout only)")
 
 
@@ -132,14 +190,16 @@ def main(a: argparse.Namespace) -> list[BenchResult]:
   models = (a.model or []) + (a.shape or []) or ["stories15M"]
   devices, dtypes_ = a.device or [None], a.dtype or ["float32"]
   bw = measure_read_bandwidth()
-  combos = [(m, d, t) for m in models for d in devices for t in dtypes_]
+  quants = [None if q == "none" else q for q in (a.quantize or ["none"])]
+  combos = [(m, d, t, q) for m in models for d in devices for t in dtypes_ for q in quants]
   rows = []
-  for m, d, t in tqdm(combos, desc="bench", file=sys.stderr, disable=len(combos) < 2):
-    rows.append(bench_one(m, d, t, a.prompt_len, a.new_tokens, bandwidth=bw, tokenizer=a.tokenizer))
+  for m, d, t, q in tqdm(combos, desc="bench", file=sys.stderr, disable=len(combos) < 2):
+    rows.append(bench_one(m, d, t, a.prompt_len, a.new_tokens, bandwidth=bw, tokenizer=a.tokenizer, quantize=q,
+                          profile=a.profile))
   if a.json == "-": print(json.dumps([asdict(r) for r in rows], indent=2))
   else:
     print(format_table(rows))
-    print(f"read bandwidth (numpy, all cores): {bw:.1f} GB/s")
+    print(f"CPU read bandwidth (numpy, all cores): {bw:.1f} GB/s; GPU rows use a bandwidth measured on the device")
     if a.json:
       from .fileio import write_text
       write_text(a.json, json.dumps([asdict(r) for r in rows], indent=2))
