@@ -12,5 +12,5 @@ OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_parity.py tests/test_quantize.py \
   2>&1 | tail -15 | tee "$OUT/tests.txt"
-timeout 330 python3 bench/bench.py --model ${BENCH_MODEL:-llama2-7b} --dtype float16 --quantize none --quantize int8 --profile \
+timeout 420 python3 bench/bench.py --model ${BENCH_MODEL:-llama2-7b} --dtype float16 --quantize none --quantize int8 --quantize int4 --profile \
   --json "$OUT/bench.json" 2>&1 | grep -v "^bench:" | tee "$OUT/bench.txt"

@@ -102,11 +102,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _KERNEL_LINE = re.compile(r"\*\*\*\s+(\S+)\s+\d+\s+(.+?)\s+arg\s+\d+\s+mem.*?tm\s+([\d.]+)(us|ms|s)/.*?(\d+)\|(\d+)\s+GB/s")
 
 
-def profile_decode(decoder, token: int, pos: int) -> list[tuple[str, float, float]]:
-  """(kernel, microseconds, GB/s) for each kernel of one decode step, from tinygrad's DEBUG=2 timing lines."""
+def profile_kernels(fn) -> list[tuple[str, float, float]]:
+  """(kernel, microseconds, GB/s) for each kernel fn() runs, from tinygrad's DEBUG=2 timing lines."""
   from tinygrad import Context
   buf = io.StringIO()
-  with contextlib.redirect_stdout(buf), Context(DEBUG=2): decoder.step(token, pos)
+  with contextlib.redirect_stdout(buf), Context(DEBUG=2): fn()
   rows = []
   for line in _ANSI.sub("", buf.getvalue()).splitlines():
     m = _KERNEL_LINE.search(line)
@@ -118,7 +118,7 @@ def profile_decode(decoder, token: int, pos: int) -> list[tuple[str, float, floa
 
 def format_profile(rows: list[tuple[str, float, float]], top: int = 15) -> str:
   total = sum(t for _, t, _ in rows)
-  lines = [f"{len(rows)} kernels, {total / 1e3:.2f} ms of kernel time per decode step; slowest:",
+  lines = [f"{len(rows)} kernels, {total / 1e3:.2f} ms of kernel time; slowest:",
            "kernel | us | share | GB/s", "--- | --- | --- | ---"]
   for name, t, gbs in sorted(rows, key=lambda r: -r[1])[:top]:
     lines.append(f"{name} | {t:.0f} | {t / max(total, 1e-9):.0%} | {gbs:.0f}")
@@ -149,7 +149,11 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
   ttft_cold, _, _, _ = run()
   ttft_warm, prefill, decode, tok = run()
   kernels = _kernels_per_decode_step(dec, tok, prompt_len)
-  if profile: print(f"\n{model} {m.device} {dtype} {quantize or ''}\n" + format_profile(profile_decode(dec, tok, prompt_len)))
+  if profile:
+    print(f"\n{model} {m.device} {dtype} {quantize or ''}: decode step\n" +
+          format_profile(profile_kernels(lambda: dec.step(tok, prompt_len))))
+    print(f"{model} {m.device} {dtype} {quantize or ''}: prefill of {prompt_len} tokens\n" +
+          format_profile(profile_kernels(lambda: dec.prefill(prompt)), top=8))
   weight_bytes = bytes_per_decode_step(m)
   bw = (bandwidth or measure_read_bandwidth()) if m.device.startswith("CPU") else measure_device_bandwidth(m.device)
   dtype_name = {"float": "float32", "half": "float16"}.get(m.dtype.name, m.dtype.name)
