@@ -127,10 +127,11 @@ def format_profile(rows: list[tuple[str, float, float]], top: int = 15) -> str:
 
 def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128, new_tokens: int = 128,
               bandwidth: float | None = None, tokenizer: str | None = None, quantize: str | None = None,
-              profile: bool = False) -> BenchResult:
+              profile: bool = False, beam: int = 0) -> BenchResult:
   from tinygrad import GlobalCounters
   llm = build_model(model, device, dtype, prompt_len + new_tokens + 1, tokenizer, quantize)
   m, dec = llm.model, llm.decoder
+  dec.beam = beam
   rng = np.random.default_rng(0)
   prompt = [1] + rng.integers(3, m.args.vocab_size, prompt_len - 1).tolist()
 
@@ -164,6 +165,14 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
                      decode_frac_of_bw=weight_bytes * decode / (bw * 1e9), kernels_per_token=kernels)
 
 
+def tune(model: str, device: str | None, dtype: str, quantize: str | None, beam: int, tokenizer: str | None = None) -> None:
+  """Run BEAM search over the decode step's kernels once; results land in tinygrad's on-disk cache."""
+  llm = build_model(model, device, dtype, 64, tokenizer, quantize)
+  llm.decoder.beam = beam
+  llm.decoder.prefill([1, 2, 3, 4])
+  for pos in range(4, 8): llm.decoder.step(5, pos)
+
+
 def format_table(rows: list[BenchResult]) -> str:
   head = ("model", "device", "dtype", "MB read/token", "prefill tok/s", "decode tok/s", "of bw", "TTFT cold s",
           "TTFT warm s", "kernels/tok", "peak RSS MB")
@@ -186,6 +195,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--new-tokens", type=int, default=128, help="decode steps")
   p.add_argument("--quantize", action="append", choices=["none", "int8", "int4"], help="weight quantization(s)")
   p.add_argument("--profile", action="store_true", help="print the kernels of one decode step with time and GB/s")
+  p.add_argument("--beam", type=int, default=0,
+                 help="compile decode with tinygrad BEAM search of this width (use after `tinyllama2 tune`)")
   p.add_argument("--json", help="also write results as JSON to this file ('-' for stdout only)")
 
 
@@ -199,7 +210,7 @@ def main(a: argparse.Namespace) -> list[BenchResult]:
   rows = []
   for m, d, t, q in tqdm(combos, desc="bench", file=sys.stderr, disable=len(combos) < 2):
     rows.append(bench_one(m, d, t, a.prompt_len, a.new_tokens, bandwidth=bw, tokenizer=a.tokenizer, quantize=q,
-                          profile=a.profile))
+                          profile=a.profile, beam=a.beam))
   if a.json == "-": print(json.dumps([asdict(r) for r in rows], indent=2))
   else:
     print(format_table(rows))

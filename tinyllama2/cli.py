@@ -28,6 +28,7 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
   p.add_argument("--max-seq-len", type=int, help="context length (default: the checkpoint's trained context)")
   p.add_argument("--rope-scaling", help="override RoPE scaling: TYPE:FACTOR (linear, dynamic, llama3, yarn) or JSON")
   p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization (Q8_0 / Q4_0 blocks of 32)")
+  p.add_argument("--beam", type=int, default=0, help="use decode kernels tuned by `tinyllama2 tune --beam N`")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -50,9 +51,11 @@ def sampling_kwargs(a: argparse.Namespace) -> dict:
 
 def load_model(a: argparse.Namespace):
   from .llama import Llama
-  return Llama.from_pretrained(a.model, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
-                               max_seq_len=a.max_seq_len, rope_scaling=parse_rope_scaling(a.rope_scaling),
-                               quantize=getattr(a, "quantize", None))
+  llm = Llama.from_pretrained(a.model, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
+                              max_seq_len=a.max_seq_len, rope_scaling=parse_rope_scaling(a.rope_scaling),
+                              quantize=getattr(a, "quantize", None))
+  llm.decoder.beam = getattr(a, "beam", 0)
+  return llm
 
 
 def is_chat_model(path: str) -> bool:
@@ -131,6 +134,13 @@ def cmd_bench(a: argparse.Namespace) -> None:
   bench_main(a)
 
 
+def cmd_tune(a: argparse.Namespace) -> None:
+  from .benchmark import tune
+  for dtype in a.dtype or ["float32"]:
+    tune(a.model, a.device, dtype, a.quantize, a.beam, a.tokenizer)
+  print(f"tuned the decode kernels with BEAM={a.beam}; pass --beam {a.beam} to use them")
+
+
 def build_parser() -> argparse.ArgumentParser:
   from .benchmark import add_bench_args
   p = argparse.ArgumentParser(prog="tinyllama2", description="Llama-2 on tinygrad")
@@ -160,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
   b = sub.add_parser("bench", help="prefill/decode speed, first-token latency, memory")
   add_bench_args(b)
   b.set_defaults(fn=cmd_bench)
+  t = sub.add_parser("tune", help="BEAM-search the decode kernels once (slow); later runs use --beam to reuse them")
+  t.add_argument("--model", required=True, help="model path or a random-weight shape (e.g. llama2-7b)")
+  t.add_argument("--tokenizer", help="tokenizer.model (not needed)")
+  t.add_argument("--device", help="tinygrad device (default: $DEV, else CPU)")
+  t.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"], help="dtype(s) to tune")
+  t.add_argument("--quantize", choices=["int8", "int4"], help="tune the quantized kernels")
+  t.add_argument("--beam", type=int, default=2, help="BEAM width")
+  t.set_defaults(fn=cmd_tune)
   return p
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
-from tinygrad import Tensor
+from tinygrad import Context, Tensor
 
 from .model import Transformer
 from .sampling import SamplingParams, choose, process
@@ -39,10 +39,14 @@ class Generation:
 
 
 class Decoder:
-  """Runs a Transformer over a token stream: chunked prefill, then one JIT-compiled step per token."""
+  """Runs a Transformer over a token stream: chunked prefill, then one JIT-compiled step per token.
 
-  def __init__(self, model: Transformer, prefill_chunk: int = 256):
-    self.model, self.prefill_chunk = model, prefill_chunk
+  `beam` > 0 compiles the decode step with tinygrad's BEAM search. Its results live in tinygrad's on-disk cache,
+  so a `tinyllama2 tune` run pays the search once; without a tuned cache the first step searches (slowly).
+  """
+
+  def __init__(self, model: Transformer, prefill_chunk: int = 256, beam: int = 0):
+    self.model, self.prefill_chunk, self.beam = model, prefill_chunk, beam
 
   def _check_len(self, n: int) -> None:
     if n > self.model.max_seq_len:
@@ -64,7 +68,8 @@ class Decoder:
     """Feed `token` at position `pos`; logits for the next position [vocab]."""
     self._check_len(pos + 1)
     rt = self.model._runtime
-    return rt.decode_jit(rt.tok_var.bind(int(token)), rt.pos_var.bind(pos)).numpy()[0]
+    with Context(BEAM=self.beam):
+      return rt.decode_jit(rt.tok_var.bind(int(token)), rt.pos_var.bind(pos)).numpy()[0]
 
 
 def _eos_ids(eos: int | Sequence[int] | None) -> set[int]:

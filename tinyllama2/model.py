@@ -5,7 +5,6 @@ convert other layouts into this one. The model knows nothing about files or toke
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -28,25 +27,6 @@ def resolve_device(device: str | None) -> str:
   except Exception as e: raise ValueError(f"unknown device {name!r} ({e})") from None
 
 
-@functools.cache
-def _matvec_opts(device: str) -> tuple | None:
-  """Kernel opts for a one-token matmul on GPUs: 8 threads share a row's reduction, 4 rows per workgroup,
-  4 rows per thread. tinygrad's own matvec heuristic only fires when the reduce reads MUL(load, load), which
-  fp16-with-fp32-accumulation and dequantized weights never are. None where the device has no local memory."""
-  from tinygrad import Device
-  from tinygrad.codegen.opt import Opt, OptOps
-  renderer = Device[device].renderer
-  if not (renderer.has_local and renderer.has_shared): return None
-  return (Opt(OptOps.GROUP, 0, 8), Opt(OptOps.LOCAL, 0, 4), Opt(OptOps.UPCAST, 0, 4))
-
-
-def project(x: Tensor, weight: Tensor) -> Tensor:
-  """x @ weight.T; a single token on a GPU gets the matvec kernel opts above."""
-  if x.shape[-2] != 1 or weight.shape[0] % 16 or weight.shape[1] % 8 or (opts := _matvec_opts(x.device)) is None:
-    return x @ weight.T
-  return (x.contiguous() @ weight.T).contiguous(arg=opts)
-
-
 class Linear:
   """A bias-free linear layer y = x @ W.T with W of shape [out, in] (PyTorch/Meta layout)."""
   def __init__(self, in_features: int, out_features: int, dtype: DType, device: str):
@@ -58,7 +38,7 @@ class Linear:
     lin.weight = weight
     return lin
 
-  def __call__(self, x: Tensor) -> Tensor: return project(x, self.weight)
+  def __call__(self, x: Tensor) -> Tensor: return x @ self.weight.T
 
 
 class RMSNorm:

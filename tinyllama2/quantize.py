@@ -41,9 +41,7 @@ class QuantLinear:
       vals = lo.cat(hi, dim=-1).cast(self.dtype) - 8
     return (vals * d).reshape(self.out_features, self.in_features)
 
-  def __call__(self, x: Tensor) -> Tensor:
-    from .model import project
-    return project(x, self.dequantize())
+  def __call__(self, x: Tensor) -> Tensor: return x @ self.dequantize().T
 
   def nbytes(self) -> int: return self.packed.nbytes() + self.scale.nbytes()
 
