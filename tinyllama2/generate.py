@@ -57,12 +57,25 @@ class Decoder:
     """Fill the cache from position 0; logits of the last token [vocab] (or of every token [T, vocab])."""
     if not len(ids): raise ValueError("the prompt is empty: at least one token (e.g. BOS) is needed")
     self._check_len(len(ids))
+    if not all_logits: return self._prefill_compiled(list(ids))
     rt, out = self.model._runtime, []
     for start in range(0, len(ids), self.prefill_chunk):
       chunk = Tensor([list(ids[start:start + self.prefill_chunk])], dtype="int32", device=self.model.device)
       logits = self.model.prefill(chunk, rt.pos_var.bind(start), all_logits=all_logits)
       if all_logits or start + self.prefill_chunk >= len(ids): out.append(logits.realize().numpy()[0])
     return np.concatenate(out) if all_logits else out[-1][-1]
+
+  def _prefill_compiled(self, ids: list[int]) -> np.ndarray:
+    """Chunks padded to a power of two run as captured graphs. Padding is harmless: padded positions come
+    after every real token (the causal mask hides them) and decoding overwrites their cache rows first."""
+    rt, logits = self.model._runtime, None
+    for start in range(0, len(ids), self.prefill_chunk):
+      piece = ids[start:start + self.prefill_chunk]
+      length = min(self.prefill_chunk, 1 << (len(piece) - 1).bit_length())
+      if start + length > self.model.max_seq_len: length = len(piece)
+      toks = Tensor([piece + [0] * (length - len(piece))], dtype="int32", device=self.model.device)
+      logits = rt.prefill_jit(length)(toks, rt.pos_var.bind(start), rt.last_var.bind(len(piece) - 1))
+    return logits.numpy()[0]
 
   def step(self, token: int, pos: int) -> np.ndarray:
     """Feed `token` at position `pos`; logits for the next position [vocab]."""

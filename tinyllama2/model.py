@@ -191,6 +191,12 @@ class Transformer:
     h = self.forward_hidden(self.embed(tokens), start_pos)
     return self.logits_from_hidden(h if all_logits else h[:, -1:])
 
+  def prefill_last(self, tokens: Tensor, start_pos: UOp, last: UOp) -> Tensor:
+    """Prefill tokens [1, T] and return the logits [1, vocab] of row `last` (a bound Variable), so a chunk
+    padded to a fixed length runs in one compiled graph."""
+    h = self.forward_hidden(self.embed(tokens), start_pos)
+    return self.logits_from_hidden(h.shrink(((0, 1), (last, last + 1), (0, h.shape[2])))).reshape(1, -1)
+
   def decode_step(self, token: UOp, start_pos: UOp) -> Tensor:
     """One token (a bound Variable, read from the embedding by a symbolic slice) → logits [1, vocab]."""
     x = self.tok_embeddings.weight.shrink(((token, token + 1), None)).reshape(1, 1, self.args.dim)
@@ -199,7 +205,7 @@ class Transformer:
 
 class _Runtime:
   """Per-model state that is not a parameter: RoPE tables, KV caches and the compiled decode step."""
-  __slots__ = ("model", "cos", "sin", "_caches", "decode_jit", "pos_var", "tok_var")
+  __slots__ = ("model", "cos", "sin", "_caches", "decode_jit", "prefill_jits", "pos_var", "tok_var", "last_var")
 
   def __init__(self, model: Transformer):
     a = model.args
@@ -208,12 +214,23 @@ class _Runtime:
     self.cos, self.sin = Tensor(cos, device=model.device).realize(), Tensor(sin, device=model.device).realize()
     self._caches: list[KVCache] | None = None
     self.decode_jit = TinyJit(lambda tok, pos: model.decode_step(tok, pos).realize())
+    self.prefill_jits: dict[int, TinyJit] = {}
     self.pos_var = Variable("start_pos", 0, model.max_seq_len - 1)
     self.tok_var = Variable("token", 0, a.vocab_size - 1)
+    self.last_var = Variable("last", 0, model.max_seq_len - 1)
+
+  def prefill_jit(self, length: int) -> TinyJit:
+    if length not in self.prefill_jits:
+      self.prefill_jits[length] = TinyJit(lambda toks, pos, last: self.model.prefill_last(toks, pos, last).realize())
+    return self.prefill_jits[length]
+
+  def reset_jits(self) -> None:
+    self.decode_jit.reset()
+    self.prefill_jits.clear()
 
   def caches(self, batch: int) -> list[KVCache]:
     if self._caches is None or self._caches[0].k.shape[0] != batch:
       a, m = self.model.args, self.model
       self._caches = [KVCache(batch, a.n_kv_heads, m.max_seq_len, a.head_dim, m.dtype, m.device) for _ in range(a.n_layers)]
-      self.decode_jit.reset()
+      self.reset_jits()
     return self._caches

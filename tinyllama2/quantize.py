@@ -81,4 +81,4 @@ def quantize_model(model, mode: str) -> None:
   head = model.output if model.output is not None else Linear.wrap(model.tok_embeddings.weight)
   model.output = QuantLinear.from_float(head.weight, mode)
   model.quantization = mode
-  model._runtime.decode_jit.reset()   # a step captured before holds the float weights
+  model._runtime.reset_jits()   # graphs captured before hold the float weights
