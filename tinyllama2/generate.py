@@ -30,7 +30,7 @@ class GenerationConfig:
 @dataclass
 class Generation:
   text: str
-  tokens: list[int]                  # the new ids
+  tokens: list[int]                  # the new ids, without the eos that ended generation
   prompt_tokens: list[int]
   finish_reason: str                 # "stop" (eos or stop string) or "length"
   prefill_tokens_per_s: float = 0.0

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from tinygrad import dtypes
@@ -89,7 +89,9 @@ class Llama:
                repetition_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
                stop: str | list[str] | None = None, seed: int | None = None,
                stream: bool = False) -> Generation | TextStream | list[Generation]:
-    """Hugging Face-style generation. stream=True returns a TextStream: iterate it for text pieces."""
+    """Hugging Face-style generation. stream=True returns a TextStream: iterate it for text pieces.
+
+    `Generation.tokens` holds the new ids without the eos id that ended generation (as OpenAI/llama.cpp report)."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list, tuple)):
       if stream: raise ValueError("stream=True takes a single prompt")
       return [self.generate(p, max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
@@ -111,6 +113,3 @@ class Llama:
   def chat(self, messages: list[dict], **generate_kwargs) -> Generation | TextStream:
     ids = self.chat_template.encode(messages, self.tokenizer)
     return self.generate(ids, **generate_kwargs)
-
-  def stream_tokens(self, prompt: Sequence[int], cfg: GenerationConfig) -> Iterator[int]:
-    return generate_tokens(self.decoder, list(prompt), cfg, self.eos_ids, {})
