@@ -55,7 +55,9 @@ class Llama:
     model.load_weights(ckpt.weights)
     if quantize is not None: quantize_model(model, quantize)
     tok_path = tokenizer if tokenizer is not None else ckpt.tokenizer_path
-    tok = Tokenizer(tok_path) if tok_path is not None else None
+    if tok_path is not None: tok = Tokenizer(tok_path)
+    elif ckpt.tokenizer_proto is not None: tok = Tokenizer.from_proto(ckpt.tokenizer_proto, path)
+    else: tok = None
     if tok is not None and tok.vocab_size > args.vocab_size:
       raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model only {args.vocab_size} rows")
     return cls(model, tok)

@@ -19,6 +19,16 @@ class Tokenizer:
     except (OSError, RuntimeError) as e:
       raise ValueError(f"{path}: not a SentencePiece tokenizer model ({str(e).splitlines()[0]})") from None
 
+  @classmethod
+  def from_proto(cls, proto: bytes, source: str | Path) -> Tokenizer:
+    """From a serialized SentencePiece ModelProto (e.g. built from a GGUF file's vocabulary)."""
+    import sentencepiece as spm
+    tok = cls.__new__(cls)
+    tok.path, tok.sp = Path(source), spm.SentencePieceProcessor()
+    try: tok.sp.LoadFromSerializedProto(proto)
+    except RuntimeError as e: raise ValueError(f"{source}: invalid tokenizer data ({str(e).splitlines()[0]})") from None
+    return tok
+
   @property
   def vocab_size(self) -> int: return self.sp.vocab_size()
   @property

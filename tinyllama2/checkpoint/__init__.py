@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelArgs
-from . import hf, llama2c
+from . import gguf, hf, llama2c
 
 
 @dataclass
@@ -16,23 +16,29 @@ class Checkpoint:
   weights: dict[str, np.ndarray]
   tokenizer_path: Path | None   # a tokenizer.model found beside the weights
   format: str
+  tokenizer_proto: bytes | None = None   # a SentencePiece model built from the file's own vocabulary (GGUF)
 
 
 def detect_format(path: Path) -> str:
   if not path.exists(): raise FileNotFoundError(f"model not found: {path}")
   if hf.is_hf_dir(path): return "hf"
   if path.is_file() and path.suffix == ".bin": return "llama2c"
+  if path.is_file() and path.suffix == ".gguf": return "gguf"
   if path.is_dir():
     raise ValueError(f"{path}: no config.json here; expected a Hugging Face model directory (config.json + "
                      "model.safetensors) or a llama2.c .bin file")
-  raise ValueError(f"{path}: unknown model format (expected a Hugging Face directory or a llama2.c .bin)")
+  raise ValueError(f"{path}: unknown model format (expected a Hugging Face directory, a .gguf or a llama2.c .bin)")
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
   path = Path(path).expanduser()
   fmt = detect_format(path)
+  proto = None
   if fmt == "hf": args, weights = hf.load(path)
+  elif fmt == "gguf":
+    args, weights = gguf.load(path)
+    proto = gguf.sentencepiece_proto(gguf.read(path))
   else: args, weights = llama2c.load(path)
   folder = path if path.is_dir() else path.parent
   tok = folder / "tokenizer.model"
-  return Checkpoint(args, weights, tok if tok.is_file() else None, fmt)
+  return Checkpoint(args, weights, tok if tok.is_file() and fmt != "gguf" else None, fmt, proto)

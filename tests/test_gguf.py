@@ -1,0 +1,110 @@
+"""GGUF: metadata, tensors (incl. Q8_0/Q4_0 blocks), the vocabulary as a tokenizer, bad files."""
+import struct
+
+import numpy as np
+import pytest
+
+import reference_numpy
+from conftest import LLAMA_TOK, SHARED, need
+from test_quantize import np_q4_0, np_q8_0
+from tinyllama2 import Llama
+from tinyllama2.checkpoint import gguf
+
+TINY = SHARED / "gguf" / "llama-2-tiny-random.gguf"
+VOCAB = SHARED / "gguf" / "ggml-vocab-llama-spm.gguf"
+VECTORS = SHARED / "reference" / "llamacpp_vocab_tests"
+
+
+def gguf_string(s: str) -> bytes: return struct.pack("<Q", len(s.encode())) + s.encode()
+
+
+def write_gguf(path, tensors: dict[str, tuple[int, tuple[int, ...], bytes]], alignment: int = 32) -> None:
+  """A minimal GGUF v3 writer following the spec: header, metadata, tensor infos, aligned data."""
+  kv = gguf_string("general.architecture") + struct.pack("<I", 8) + gguf_string("llama")
+  infos, data = b"", b""
+  for name, (ttype, shape, raw) in tensors.items():
+    data += b"\0" * (-len(data) % alignment)
+    infos += gguf_string(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in reversed(shape))
+    infos += struct.pack("<IQ", ttype, len(data))
+    data += raw
+  head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1) + kv + infos
+  path.write_bytes(head + b"\0" * (-len(head) % alignment) + data)
+
+
+def q8_0_bytes(w):
+  b = w.reshape(w.shape[0], -1, 32)
+  d = (np.abs(b).max(-1) / np.float32(127)).astype(np.float32)
+  q = np.rint(b * np.where(d > 0, 1 / np.where(d > 0, d, 1), 0)[..., None]).astype(np.int8)
+  rec = np.zeros(d.shape, np.dtype([("d", "<f2"), ("qs", "i1", 32)]))
+  rec["d"], rec["qs"] = d.astype(np.float16), q
+  return rec.tobytes()
+
+
+def q4_0_bytes(w):
+  b = w.reshape(w.shape[0], -1, 32)
+  mx = np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)[..., 0]
+  d = (mx / np.float32(-8)).astype(np.float32)
+  q = np.minimum(15, np.trunc(b * np.where(d != 0, 1 / np.where(d != 0, d, 1), 0)[..., None] + 8.5)).astype(np.uint8)
+  rec = np.zeros(d.shape, np.dtype([("d", "<f2"), ("qs", "u1", 16)]))
+  rec["d"], rec["qs"] = d.astype(np.float16), q[..., :16] | (q[..., 16:] << 4)
+  return rec.tobytes()
+
+
+def test_quantized_tensors_dequantize_like_the_block_layout(tmp_path):
+  rng = np.random.default_rng(0)
+  w8, w4 = (rng.standard_normal((2, 64, 96)) * 0.1).astype(np.float32)
+  f32 = rng.standard_normal((3, 5)).astype(np.float32)
+  path = tmp_path / "q.gguf"
+  write_gguf(path, {"a": (gguf.Q8_0, w8.shape, q8_0_bytes(w8)), "b": (gguf.Q4_0, w4.shape, q4_0_bytes(w4)),
+                    "c": (gguf.F32, f32.shape, f32.tobytes()), "d": (gguf.F16, f32.shape, f32.astype(np.float16).tobytes())})
+  f = gguf.read(path)
+  assert f.metadata == {"general.architecture": "llama"} and f.tensors["a"].shape == (64, 96)
+  np.testing.assert_allclose(gguf.dequantize(f, f.tensors["a"]), np_q8_0(w8), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(gguf.dequantize(f, f.tensors["b"]), np_q4_0(w4), rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(gguf.dequantize(f, f.tensors["c"]), f32)
+  np.testing.assert_array_equal(gguf.dequantize(f, f.tensors["d"]), f32.astype(np.float16))
+
+
+def test_tiny_random_gguf_from_another_producer_runs():
+  need(TINY)
+  llm = Llama.from_pretrained(TINY, dtype="float32")
+  a = llm.args
+  assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.hidden_dim, a.vocab_size) == (8, 1, 2, 2, 32, 32000)
+  ids = llm.tokenizer.encode("Hello world")
+  assert ids == [1, 15043, 3186]
+  weights = {k: v.numpy() for k, v in llm.model.state_dict().items()}
+  np.testing.assert_allclose(llm.logits(ids), reference_numpy.forward(weights, a, ids), atol=1e-4, rtol=1e-4)
+  assert len(llm.generate("Hello", max_new_tokens=4, eos_token_id=[]).tokens) == 4
+
+
+def test_vocab_gguf_tokenizer_matches_llamacpp_vectors_and_sentencepiece():
+  need(VOCAB, VECTORS, LLAMA_TOK)
+  import sentencepiece as spm
+  from tinyllama2 import Tokenizer
+  tok = Tokenizer.from_proto(gguf.sentencepiece_proto(gguf.read(VOCAB)), VOCAB)
+  ref = spm.SentencePieceProcessor(model_file=str(LLAMA_TOK))
+  inputs = (VECTORS / "ggml-vocab-llama-spm.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+  expected = (VECTORS / "ggml-vocab-llama-spm.gguf.out").read_text().strip("\n").split("\n")
+  inputs = inputs[:len(expected)]
+  assert len(inputs) == len(expected) > 40
+  for text, want in zip(inputs, expected):
+    ids = tok.encode(text, bos=False)
+    assert ids == [int(x) for x in want.split()], repr(text)
+    assert ids == ref.encode(text)
+    assert tok.decode(ids) == ref.decode(ids)
+
+
+def test_vocab_only_gguf_is_not_a_model():
+  need(VOCAB)
+  with pytest.raises(ValueError, match="no tensors"):
+    Llama.from_pretrained(VOCAB)
+
+
+@pytest.mark.parametrize("cut", [3, 20, 5000, 1_000_000, -10])
+def test_truncated_gguf_is_a_clean_error(tmp_path, cut):
+  need(TINY)
+  raw = TINY.read_bytes()
+  bad = tmp_path / "bad.gguf"
+  bad.write_bytes(raw[:cut])
+  with pytest.raises(ValueError, match="GGUF"):
+    Llama.from_pretrained(bad)

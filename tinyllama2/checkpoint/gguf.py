@@ -1,0 +1,242 @@
+"""GGUF (v2/v3) reader: metadata into ModelArgs, tensors (F32, F16, BF16, Q8_0, Q4_0), and the vocabulary as a
+SentencePiece model. Every count, length and offset is checked against the file before it is used.
+
+GGUF stores llama q/k rows in Meta's interleaved layout (llama.cpp's converter undoes HF's permutation), which
+is our layout, so no permutation is applied.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelArgs
+from .safetensors import bf16_to_f32
+
+MAGIC = b"GGUF"
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NP_SCALARS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+               7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+F32, F16, Q4_0, Q8_0, BF16 = 0, 1, 2, 8, 30
+# type -> (elements per block, bytes per block)
+BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q8_0: (32, 34), Q4_0: (32, 18), 3: (32, 20), 12: (256, 144),
+          14: (256, 210)}
+TYPE_NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q8_0: "Q8_0", Q4_0: "Q4_0", 3: "Q4_1", 12: "Q4_K", 14: "Q6_K"}
+_OURS = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"}
+_LAYER = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+          "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+          "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+
+
+@dataclass
+class TensorInfo:
+  name: str
+  shape: tuple[int, ...]   # numpy order: [rows, cols] for a weight [out, in]
+  type: int
+  offset: int              # from the start of the data section
+  nbytes: int
+
+
+@dataclass
+class GGUFFile:
+  path: Path
+  metadata: dict
+  tensors: dict[str, TensorInfo]
+  data_start: int
+
+
+class _Reader:
+  def __init__(self, path: Path):
+    self.path, self.size = path, os.path.getsize(path)
+    self.mm = np.memmap(path, dtype=np.uint8, mode="r") if self.size else np.zeros(0, np.uint8)
+    self.pos = 0
+
+  def need(self, n: int, what: str) -> None:
+    if n < 0 or self.pos + n > self.size:
+      raise ValueError(f"{self.path}: truncated or corrupt GGUF file ({what} at byte {self.pos} runs past the end)")
+
+  def raw(self, n: int, what: str) -> bytes:
+    self.need(n, what)
+    out = self.mm[self.pos:self.pos + n].tobytes()
+    self.pos += n
+    return out
+
+  def scalar(self, fmt: str, what: str):
+    return struct.unpack(fmt, self.raw(struct.calcsize(fmt), what))[0]
+
+  def string(self, what: str) -> str:
+    n = self.scalar("<Q", what)
+    try: return self.raw(n, what).decode("utf-8")
+    except UnicodeDecodeError: raise ValueError(f"{self.path}: corrupt GGUF file ({what} is not UTF-8)") from None
+
+  def value(self, vtype: int, what: str):
+    if vtype in _SCALARS: return self.scalar(_SCALARS[vtype], what)
+    if vtype == 8: return self.string(what)
+    if vtype == 9:
+      etype, n = self.scalar("<I", what), self.scalar("<Q", what)
+      if etype in _NP_SCALARS:
+        size = np.dtype(_NP_SCALARS[etype]).itemsize
+        self.need(n * size, what)
+        arr = self.mm[self.pos:self.pos + n * size].view(_NP_SCALARS[etype]).copy()
+        self.pos += n * size
+        return arr
+      if etype == 8:
+        self.need(n * 8, what)   # every string needs at least its 8-byte length
+        return [self.string(what) for _ in range(n)]
+      raise ValueError(f"{self.path}: unsupported GGUF array element type {etype} in {what}")
+    raise ValueError(f"{self.path}: unknown GGUF value type {vtype} in {what}")
+
+
+def read(path: str | Path) -> GGUFFile:
+  path = Path(path)
+  r = _Reader(path)
+  if r.raw(4, "magic") != MAGIC if r.size >= 4 else True: raise ValueError(f"{path}: not a GGUF file (bad magic)")
+  version = r.scalar("<I", "version")
+  if version not in (2, 3): raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+  n_tensors, n_kv = r.scalar("<Q", "tensor count"), r.scalar("<Q", "metadata count")
+  if n_tensors > r.size // 24 or n_kv > r.size // 12:
+    raise ValueError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} metadata entries in {r.size} bytes)")
+  metadata = {}
+  for _ in range(n_kv):
+    key = r.string("metadata key")
+    metadata[key] = r.value(r.scalar("<I", f"type of {key}"), key)
+  infos = {}
+  for _ in range(n_tensors):
+    name = r.string("tensor name")
+    n_dims = r.scalar("<I", f"dims of {name}")
+    if not 1 <= n_dims <= 4: raise ValueError(f"{path}: tensor {name!r} has {n_dims} dimensions")
+    ne = [r.scalar("<Q", f"shape of {name}") for _ in range(n_dims)]
+    ttype, offset = r.scalar("<I", f"type of {name}"), r.scalar("<Q", f"offset of {name}")
+    if ttype not in BLOCKS: raise ValueError(f"{path}: tensor {name!r} has unsupported GGUF type {ttype}")
+    per_block, block_bytes = BLOCKS[ttype]
+    count = int(np.prod(ne, dtype=np.float64))
+    if ne[0] % per_block or count > r.size * 2: raise ValueError(f"{path}: tensor {name!r} has a corrupt shape {ne}")
+    infos[name] = TensorInfo(name, tuple(int(d) for d in reversed(ne)), ttype, offset, count // per_block * block_bytes)
+  align = int(metadata.get("general.alignment", 32))
+  if align <= 0 or align & (align - 1): raise ValueError(f"{path}: corrupt general.alignment {align}")
+  data_start = (r.pos + align - 1) // align * align
+  for t in infos.values():
+    if data_start + t.offset + t.nbytes > r.size:
+      raise ValueError(f"{path}: truncated GGUF file (tensor {t.name!r} ends past the end of the file)")
+  return GGUFFile(path, metadata, infos, data_start)
+
+
+def _raw(f: GGUFFile, t: TensorInfo) -> np.ndarray:
+  start = f.data_start + t.offset
+  return np.memmap(f.path, dtype=np.uint8, mode="r", offset=start, shape=(t.nbytes,))
+
+
+def q8_0_blocks(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """(int8 values [rows, blocks, 32], fp16 scales [rows, blocks]) from Q8_0 bytes."""
+  blocks = raw.view(np.dtype([("d", "<f2"), ("qs", "i1", 32)])).reshape(shape[0], -1)
+  return np.ascontiguousarray(blocks["qs"]), np.ascontiguousarray(blocks["d"])
+
+
+def q4_0_blocks(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """(packed nibbles [rows, blocks, 16], fp16 scales [rows, blocks]) from Q4_0 bytes."""
+  blocks = raw.view(np.dtype([("d", "<f2"), ("qs", "u1", 16)])).reshape(shape[0], -1)
+  return np.ascontiguousarray(blocks["qs"]), np.ascontiguousarray(blocks["d"])
+
+
+def dequantize(f: GGUFFile, t: TensorInfo) -> np.ndarray:
+  raw = _raw(f, t)
+  if t.type == F32: return raw.view(np.float32).reshape(t.shape)
+  if t.type == F16: return raw.view(np.float16).reshape(t.shape)
+  if t.type == BF16: return bf16_to_f32(raw.view(np.uint16)).reshape(t.shape)
+  if t.type == Q8_0:
+    q, d = q8_0_blocks(raw, t.shape)
+    return (q.astype(np.float32) * d.astype(np.float32)[..., None]).reshape(t.shape)
+  if t.type == Q4_0:
+    packed, d = q4_0_blocks(raw, t.shape)
+    vals = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.float32) - 8
+    return (vals * d.astype(np.float32)[..., None]).reshape(t.shape)
+  raise ValueError(f"{f.path}: tensor {t.name!r} is {TYPE_NAMES.get(t.type, t.type)}, which tinyllama2 cannot read yet "
+                   "(F32, F16, BF16, Q8_0 and Q4_0 are supported)")
+
+
+def our_name(gguf_name: str) -> str | None:
+  if gguf_name in _OURS: return _OURS[gguf_name]
+  parts = gguf_name.split(".")
+  if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LAYER and parts[3] == "weight":
+    return f"layers.{parts[1]}.{_LAYER[parts[2]]}.weight"
+  return None
+
+
+def model_args(f: GGUFFile) -> ModelArgs:
+  m = f.metadata
+  arch = m.get("general.architecture")
+  if arch != "llama": raise ValueError(f"{f.path}: GGUF architecture {arch!r} is not supported (llama)")
+  try:
+    scaling = None
+    if m.get("llama.rope.scaling.type", "none") not in ("none", None):
+      scaling = {"type": m["llama.rope.scaling.type"], "factor": float(m["llama.rope.scaling.factor"])}
+      if "llama.rope.scaling.original_context_length" in m:
+        scaling["original_max_position_embeddings"] = int(m["llama.rope.scaling.original_context_length"])
+    n_heads = int(m["llama.attention.head_count"])
+    return ModelArgs(dim=int(m["llama.embedding_length"]), n_layers=int(m["llama.block_count"]), n_heads=n_heads,
+                     n_kv_heads=int(m.get("llama.attention.head_count_kv", n_heads)),
+                     vocab_size=int(m.get("llama.vocab_size", len(m.get("tokenizer.ggml.tokens", [])))),
+                     hidden_dim=int(m["llama.feed_forward_length"]),
+                     norm_eps=float(m.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+                     rope_theta=float(m.get("llama.rope.freq_base", 10000.0)), rope_scaling=scaling,
+                     max_position_embeddings=int(m.get("llama.context_length", 2048)),
+                     tie_embeddings="output.weight" not in f.tensors,
+                     bos_id=int(m.get("tokenizer.ggml.bos_token_id", 1)), eos_id=int(m.get("tokenizer.ggml.eos_token_id", 2)))
+  except KeyError as e:
+    raise ValueError(f"{f.path}: GGUF metadata lacks {e.args[0]!r}") from None
+
+
+def load(path: str | Path) -> tuple[ModelArgs, dict[str, np.ndarray]]:
+  f = read(path)
+  if not f.tensors: raise ValueError(f"{path}: this GGUF file holds no tensors (a vocabulary-only file?)")
+  args = model_args(f)
+  weights = {}
+  for name, t in f.tensors.items():
+    ours = our_name(name)
+    if ours is None:
+      if name == "rope_freqs.weight": continue
+      raise ValueError(f"{path}: unexpected tensor {name!r} for a llama model")
+    weights[ours] = dequantize(f, t)
+  return args, weights
+
+
+# ---- the vocabulary as a SentencePiece model -------------------------------------------------------------
+
+def _varint(n: int) -> bytes:
+  n &= (1 << 64) - 1
+  out = bytearray()
+  while True:
+    out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+    n >>= 7
+    if not n: return bytes(out)
+
+
+def _field(number: int, wire: int, payload: bytes) -> bytes: return _varint(number << 3 | wire) + payload
+def _int_field(number: int, value: int) -> bytes: return _field(number, 0, _varint(value))
+def _bytes_field(number: int, value: bytes) -> bytes: return _field(number, 2, _varint(len(value)) + value)
+
+
+def sentencepiece_proto(f: GGUFFile) -> bytes:
+  """A serialized sentencepiece ModelProto (BPE, byte fallback, identity normalization, dummy prefix) holding
+  the GGUF vocabulary, so sentencepiece itself tokenizes exactly as the Llama tokenizer.model would."""
+  m = f.metadata
+  if m.get("tokenizer.ggml.model") != "llama":
+    raise ValueError(f"{f.path}: GGUF tokenizer {m.get('tokenizer.ggml.model')!r} is not supported (llama / SentencePiece)")
+  tokens, scores = m["tokenizer.ggml.tokens"], m.get("tokenizer.ggml.scores")
+  types = m.get("tokenizer.ggml.token_type")
+  pieces = []
+  for i, tok in enumerate(tokens):
+    score = float(scores[i]) if scores is not None else 0.0
+    ttype = int(types[i]) if types is not None else 1
+    pieces.append(_bytes_field(1, _bytes_field(1, tok.encode()) + _field(2, 5, struct.pack("<f", score)) + _int_field(3, ttype)))
+  trainer = (_int_field(3, 2) + _int_field(4, len(tokens)) + _int_field(35, 1) +
+             _int_field(40, int(m.get("tokenizer.ggml.unknown_token_id", 0))) +
+             _int_field(41, int(m.get("tokenizer.ggml.bos_token_id", 1))) +
+             _int_field(42, int(m.get("tokenizer.ggml.eos_token_id", 2))) +
+             _int_field(43, int(m.get("tokenizer.ggml.padding_token_id", -1))))
+  add_prefix = bool(m.get("tokenizer.ggml.add_space_prefix", True))
+  normalizer = _bytes_field(1, b"identity") + _int_field(3, int(add_prefix)) + _int_field(4, 0)
+  return b"".join(pieces) + _bytes_field(2, trainer) + _bytes_field(3, normalizer)
