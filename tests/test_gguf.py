@@ -18,16 +18,24 @@ VECTORS = SHARED / "reference" / "llamacpp_vocab_tests"
 def gguf_string(s: str) -> bytes: return struct.pack("<Q", len(s.encode())) + s.encode()
 
 
-def write_gguf(path, tensors: dict[str, tuple[int, tuple[int, ...], bytes]], alignment: int = 32) -> None:
+def gguf_kv(key: str, value) -> bytes:
+  if isinstance(value, str): return gguf_string(key) + struct.pack("<I", 8) + gguf_string(value)
+  if isinstance(value, float): return gguf_string(key) + struct.pack("<If", 6, value)
+  return gguf_string(key) + struct.pack("<II", 4, value)
+
+
+def write_gguf(path, tensors: dict[str, tuple[int, tuple[int, ...], bytes]], alignment: int = 32,
+               metadata: dict | None = None) -> None:
   """A minimal GGUF v3 writer following the spec: header, metadata, tensor infos, aligned data."""
-  kv = gguf_string("general.architecture") + struct.pack("<I", 8) + gguf_string("llama")
+  metadata = {"general.architecture": "llama", **(metadata or {})}
+  kv = b"".join(gguf_kv(k, v) for k, v in metadata.items())
   infos, data = b"", b""
   for name, (ttype, shape, raw) in tensors.items():
     data += b"\0" * (-len(data) % alignment)
     infos += gguf_string(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in reversed(shape))
     infos += struct.pack("<IQ", ttype, len(data))
     data += raw
-  head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1) + kv + infos
+  head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata)) + kv + infos
   path.write_bytes(head + b"\0" * (-len(head) % alignment) + data)
 
 
@@ -108,3 +116,41 @@ def test_truncated_gguf_is_a_clean_error(tmp_path, cut):
   bad.write_bytes(raw[:cut])
   with pytest.raises(ValueError, match="GGUF"):
     Llama.from_pretrained(bad)
+
+
+def test_quantized_gguf_loads_blocks_without_requantizing(tmp_path, reference):
+  """stories260K written as GGUF with Q8_0 matrices (F32 where a row is not a multiple of 32)."""
+  from conftest import STORIES
+  from tinyllama2.checkpoint import llama2c
+  from tinyllama2.quantize import QuantLinear
+  need(STORIES)
+  args, weights = llama2c.load(STORIES)
+  names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
+  for i in range(args.n_layers):
+    for ours, theirs in (("attention.wq", "attn_q"), ("attention.wk", "attn_k"), ("attention.wv", "attn_v"),
+                         ("attention.wo", "attn_output"), ("feed_forward.w1", "ffn_gate"), ("feed_forward.w2", "ffn_down"),
+                         ("feed_forward.w3", "ffn_up"), ("attention_norm", "attn_norm"), ("ffn_norm", "ffn_norm")):
+      names[f"layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+  tensors = {}
+  for ours, theirs in names.items():
+    w = np.ascontiguousarray(weights[ours], dtype=np.float32)
+    quantize = w.ndim == 2 and w.shape[1] % 32 == 0 and ours != "tok_embeddings.weight"
+    tensors[theirs] = (gguf.Q8_0, w.shape, q8_0_bytes(w)) if quantize else (gguf.F32, w.shape, w.tobytes())
+  meta = {"llama.embedding_length": args.dim, "llama.block_count": args.n_layers, "llama.attention.head_count": args.n_heads,
+          "llama.attention.head_count_kv": args.n_kv_heads, "llama.feed_forward_length": args.hidden_dim,
+          "llama.context_length": args.max_position_embeddings, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+          "llama.vocab_size": args.vocab_size}
+  path = tmp_path / "stories260K-q8_0.gguf"
+  write_gguf(path, tensors, metadata=meta)
+  llm = Llama.from_pretrained(path)
+  wq = llm.model.layers[0].attention.wq
+  assert isinstance(wq, QuantLinear) and wq.mode == "int8"
+  raw = gguf.q8_0_blocks(np.frombuffer(tensors["blk.0.attn_q.weight"][2], np.uint8), (64, 64))
+  np.testing.assert_array_equal(wq.packed.numpy(), raw[0])        # the file's bytes, not a re-quantization
+  assert not isinstance(llm.model.layers[0].feed_forward.w2, QuantLinear)
+  tokens = reference["runc_generated"]["runs"][0]["tokens"][:64]
+  from tinyllama2 import Transformer
+  dense = Transformer(args, dtype=llm.model.dtype)
+  dense.load_weights({k: gguf.QuantizedWeight.dequantize(v) if isinstance(v, gguf.QuantizedWeight) else v
+                      for k, v in gguf.load(path)[1].items()})
+  np.testing.assert_allclose(llm.logits(tokens), Llama(dense, None).logits(tokens), atol=1e-4)

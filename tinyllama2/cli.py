@@ -125,7 +125,7 @@ def cmd_convert(a: argparse.Namespace) -> None:
   ckpt = load_checkpoint(a.src)
   tok = a.tokenizer or ckpt.tokenizer_path
   dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(a.dtype, a.dtype)
-  if a.to == "hf": hf.save(out, ckpt.args, ckpt.weights, tokenizer_model=tok, dtype=dtype)
+  if a.to == "hf": hf.save(out, ckpt.args, ckpt.float_weights(), tokenizer_model=tok, dtype=dtype)
   print(f"wrote {a.to} model to {out}")
 
 

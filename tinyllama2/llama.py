@@ -40,7 +40,7 @@ class Llama:
   def from_pretrained(cls, path: str | Path, tokenizer: str | Path | None = None, device: str | None = None,
                       dtype: str | DType | None = None, max_seq_len: int | None = None,
                       rope_scaling: dict | None = None, quantize: str | None = None, adapter: str | None = None) -> Llama:
-    from .quantize import MODES, quantize_model
+    from .quantize import MODES, load_prequantized, quantize_model
     if quantize is not None and quantize not in MODES:
       raise ValueError(f"unknown quantize={quantize!r}; use one of {', '.join(MODES)}")
     if adapter is not None: raise ValueError("adapter= is not available yet in this version")
@@ -50,9 +50,13 @@ class Llama:
     if max_seq_len is not None:
       if max_seq_len <= 0: raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
       warn_if_beyond_trained(args, max_seq_len)
-    stored = next(iter(ckpt.weights.values())).dtype
+    floats = {k: v for k, v in ckpt.weights.items() if isinstance(v, np.ndarray)}
+    stored = floats["tok_embeddings.weight"].dtype if "tok_embeddings.weight" in floats else None
     model = Transformer(args, max_seq_len=max_seq_len, dtype=resolve_dtype(dtype, stored), device=device)
-    model.load_weights(ckpt.weights)
+    model.load_weights(floats, expected=set(ckpt.weights))
+    if len(floats) < len(ckpt.weights):   # quantized blocks from the file go into QuantLinear as they are
+      load_prequantized(model, ckpt.weights)
+      model.quantization = "mixed" if quantize is None else quantize
     if quantize is not None: quantize_model(model, quantize)
     tok_path = tokenizer if tokenizer is not None else ckpt.tokenizer_path
     if tok_path is not None: tok = Tokenizer(tok_path)

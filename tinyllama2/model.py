@@ -140,11 +140,14 @@ class Transformer:
     from tinygrad.nn.state import get_state_dict
     return {k: v for k, v in get_state_dict(self).items() if not k.startswith("_")}
 
-  def load_weights(self, weights: dict[str, np.ndarray | Tensor], strict: bool = True) -> None:
-    """Copy arrays into the parameters (cast to the model dtype), checking names and shapes."""
+  def load_weights(self, weights: dict[str, np.ndarray | Tensor], strict: bool = True,
+                   expected: set[str] | None = None) -> None:
+    """Copy arrays into the parameters (cast to the model dtype), checking names and shapes.
+    `expected`: all names the checkpoint provides, when some are loaded another way (quantized blocks)."""
     params = self.state_dict()
-    missing = sorted(set(params) - set(weights))
-    unexpected = sorted(set(weights) - set(params))
+    provided = expected if expected is not None else set(weights)
+    missing = sorted(set(params) - provided)
+    unexpected = sorted(provided - set(params))
     if strict and (missing or unexpected):
       raise ValueError(f"weights do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
@@ -156,7 +159,7 @@ class Transformer:
       # a writable copy: some backends (OpenCL) refuse to copy from a read-only memory map
       t = w if isinstance(w, Tensor) else Tensor(np.array(w, order="C"), device=self.device)
       param.replace(t.to(self.device).cast(self.dtype).contiguous())
-    Tensor.realize(*params.values())
+    Tensor.realize(*[p for name, p in params.items() if name in weights])
 
   def init_random(self, seed: int = 0, std: float = 0.02) -> None:
     """Seeded random init as in llama2.c's model.py (normal(0, 0.02), residual projections scaled, norms 1)."""

@@ -6,6 +6,7 @@ bytes and the fp16 scales, never a float copy of the weights.
 """
 from __future__ import annotations
 
+import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 
@@ -67,18 +68,38 @@ def quantize_q4_0(blocks: Tensor) -> tuple[Tensor, Tensor]:
   return packed, d.cast(dtypes.float16)
 
 
+def _linears(model):
+  """(owner, attribute name, our weight name) of every projection and of the output head."""
+  for i, layer in enumerate(model.layers):
+    for owner, prefix, names in ((layer.attention, "attention", ("wq", "wk", "wv", "wo")),
+                                 (layer.feed_forward, "feed_forward", ("w1", "w2", "w3"))):
+      for name in names: yield owner, name, f"layers.{i}.{prefix}.{name}.weight"
+  yield model, "output", "output.weight"
+
+
+def load_prequantized(model, weights: dict) -> None:
+  """Put blocks read from a file (GGUF Q8_0/Q4_0) straight into QuantLinear layers: no dequantize/requantize."""
+  for owner, attr, name in _linears(model):
+    w = weights.get(name)
+    if w is None or not hasattr(w, "packed"): continue
+    packed = Tensor(np.ascontiguousarray(w.packed), device=model.device)
+    scale = Tensor(np.ascontiguousarray(w.scale), device=model.device)
+    setattr(owner, attr, QuantLinear(w.mode, packed, scale, w.shape[1], model.dtype))
+    Tensor.realize(packed, scale)
+  model._runtime.reset_jits()
+
+
 def quantize_model(model, mode: str) -> None:
   """Replace the projections of every layer and the output head by QuantLinear (the embedding stays float).
 
   A matrix whose input width is not a multiple of 32 stays float, as llama.cpp falls back for such rows."""
   from .model import Linear
   if mode not in MODES: raise ValueError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
-  for layer in model.layers:
-    for owner, names in ((layer.attention, ("wq", "wk", "wv", "wo")), (layer.feed_forward, ("w1", "w2", "w3"))):
-      for name in names:
-        weight = getattr(owner, name).weight
-        if weight.shape[1] % BLOCK == 0: setattr(owner, name, QuantLinear.from_float(weight, mode))
-  head = model.output if model.output is not None else Linear.wrap(model.tok_embeddings.weight)
-  model.output = QuantLinear.from_float(head.weight, mode)
+  if model.output is None: model.output = Linear.wrap(model.tok_embeddings.weight)   # the head gets its own copy
+  for owner, attr, _ in _linears(model):
+    layer = getattr(owner, attr)
+    if isinstance(layer, QuantLinear):
+      if layer.mode != mode: setattr(owner, attr, QuantLinear.from_float(layer.dequantize(), mode))
+    elif layer.weight.shape[1] % BLOCK == 0: setattr(owner, attr, QuantLinear.from_float(layer.weight, mode))
   model.quantization = mode
   model._runtime.reset_jits()   # graphs captured before hold the float weights

@@ -18,6 +18,10 @@ class Checkpoint:
   format: str
   tokenizer_proto: bytes | None = None   # a SentencePiece model built from the file's own vocabulary (GGUF)
 
+  def float_weights(self) -> dict[str, np.ndarray]:
+    """All weights as float arrays (quantized GGUF blocks dequantized)."""
+    return {k: v.dequantize() if isinstance(v, gguf.QuantizedWeight) else v for k, v in self.weights.items()}
+
 
 def detect_format(path: Path) -> str:
   if not path.exists(): raise FileNotFoundError(f"model not found: {path}")
@@ -36,8 +40,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
   proto = None
   if fmt == "hf": args, weights = hf.load(path)
   elif fmt == "gguf":
-    args, weights = gguf.load(path)
-    proto = gguf.sentencepiece_proto(gguf.read(path))
+    f = gguf.read(path)
+    args, weights = gguf.load(f)
+    if "tokenizer.ggml.tokens" in f.metadata: proto = gguf.sentencepiece_proto(f)
   else: args, weights = llama2c.load(path)
   folder = path if path.is_dir() else path.parent
   tok = folder / "tokenizer.model"

@@ -157,6 +157,20 @@ def dequantize(f: GGUFFile, t: TensorInfo) -> np.ndarray:
                    "(F32, F16, BF16, Q8_0 and Q4_0 are supported)")
 
 
+@dataclass
+class QuantizedWeight:
+  """A Q8_0 ("int8") or Q4_0 ("int4") matrix kept in its blocks: values/nibbles and fp16 scales."""
+  mode: str
+  packed: np.ndarray
+  scale: np.ndarray
+  shape: tuple[int, ...]
+
+  def dequantize(self) -> np.ndarray:
+    if self.mode == "int8": vals = self.packed.astype(np.float32)
+    else: vals = np.concatenate([self.packed & 15, self.packed >> 4], axis=-1).astype(np.float32) - 8
+    return (vals * self.scale.astype(np.float32)[..., None]).reshape(self.shape)
+
+
 def our_name(gguf_name: str) -> str | None:
   if gguf_name in _OURS: return _OURS[gguf_name]
   parts = gguf_name.split(".")
@@ -189,8 +203,10 @@ def model_args(f: GGUFFile) -> ModelArgs:
     raise ValueError(f"{f.path}: GGUF metadata lacks {e.args[0]!r}") from None
 
 
-def load(path: str | Path) -> tuple[ModelArgs, dict[str, np.ndarray]]:
-  f = read(path)
+def load(path: str | Path | GGUFFile) -> tuple[ModelArgs, dict[str, np.ndarray | QuantizedWeight]]:
+  """Weights by our names; Q8_0/Q4_0 matrices come as QuantizedWeight (the embedding table as float)."""
+  f = path if isinstance(path, GGUFFile) else read(path)
+  path = f.path
   if not f.tensors: raise ValueError(f"{path}: this GGUF file holds no tensors (a vocabulary-only file?)")
   args = model_args(f)
   weights = {}
@@ -199,7 +215,11 @@ def load(path: str | Path) -> tuple[ModelArgs, dict[str, np.ndarray]]:
     if ours is None:
       if name == "rope_freqs.weight": continue
       raise ValueError(f"{path}: unexpected tensor {name!r} for a llama model")
-    weights[ours] = dequantize(f, t)
+    if t.type in (Q8_0, Q4_0) and ours != "tok_embeddings.weight":
+      packed, scale = (q8_0_blocks if t.type == Q8_0 else q4_0_blocks)(_raw(f, t), t.shape)
+      weights[ours] = QuantizedWeight("int8" if t.type == Q8_0 else "int4", packed.reshape(t.shape[0], -1, packed.shape[-1]),
+                                      scale, t.shape)
+    else: weights[ours] = dequantize(f, t)
   return args, weights
 
 
