@@ -154,3 +154,49 @@ def test_quantized_gguf_loads_blocks_without_requantizing(tmp_path, reference):
   dense.load_weights({k: gguf.QuantizedWeight.dequantize(v) if isinstance(v, gguf.QuantizedWeight) else v
                       for k, v in gguf.load(path)[1].items()})
   np.testing.assert_allclose(llm.logits(tokens), Llama(dense, None).logits(tokens), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  from conftest import STORIES, TOK512
+  from tinyllama2.cli import main as cli
+  need(STORIES, TOK512)
+  out = tmp_path_factory.mktemp("gguf")
+  for dtype in ("f32", "f16", "q8_0"):
+    assert cli(["convert", str(STORIES), "--to", "gguf", str(out / f"{dtype}.gguf"), "--tokenizer", str(TOK512),
+                "--dtype", dtype]) == 0
+  return out
+
+
+@pytest.mark.parametrize("dtype,tol", [("f32", 1e-5), ("f16", 0.05), ("q8_0", 0.5)])
+def test_gguf_export_roundtrip(exported, stories, reference, dtype, tol):
+  """f32 is exact; f16 rounds each weight by <= 2^-11 relative and q8_0 by <= 1/254 of its block's max,
+  which moves stories260K's logits (magnitude ~10) by about 0.01 and 0.3 at most."""
+  llm = Llama.from_pretrained(exported / f"{dtype}.gguf", dtype="float32")
+  assert llm.tokenizer.encode("Once upon a time") == stories.tokenizer.encode("Once upon a time")
+  assert llm.model.quantization == ("mixed" if dtype == "q8_0" else None)
+  tokens = reference["runc_generated"]["runs"][0]["tokens"][:64]
+  assert np.abs(llm.logits(tokens) - stories.logits(tokens)).max() <= tol
+
+
+def test_gguf_export_reads_with_llamacpp_gguf_package(exported):
+  gguf_py = pytest.importorskip("gguf", reason="the PyPI gguf package (llama.cpp's reader) is not installed")
+  reader = gguf_py.GGUFReader(str(exported / "q8_0.gguf"))
+  assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "llama"
+  tokens = reader.fields["tokenizer.ggml.tokens"]
+  assert len(tokens.data) == 512 and bytes(tokens.parts[tokens.data[1]]).decode() == "<s>"
+  ours = gguf.read(exported / "q8_0.gguf")
+  for t in reader.tensors:
+    theirs = gguf_py.dequantize(t.data, t.tensor_type).reshape(ours.tensors[t.name].shape)
+    np.testing.assert_array_equal(theirs, gguf.dequantize(ours, ours.tensors[t.name]))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_dequantize_blocks_made_by_gguf_package(qtype):
+  gguf_py = pytest.importorskip("gguf", reason="the PyPI gguf package (llama.cpp's quantizer) is not installed")
+  t = gguf_py.GGMLQuantizationType[qtype]
+  data = np.random.default_rng(3).standard_normal((8, 64)).astype(np.float32)
+  raw = np.ascontiguousarray(gguf_py.quants.quantize(data, t)).view(np.uint8).reshape(-1)
+  blocks = (gguf.q8_0_blocks if qtype == "Q8_0" else gguf.q4_0_blocks)(raw, (8, 64))
+  w = gguf.QuantizedWeight("int8" if qtype == "Q8_0" else "int4", *blocks, (8, 64))
+  np.testing.assert_array_equal(w.dequantize(), gguf_py.quants.dequantize(raw, t).reshape(8, 64))

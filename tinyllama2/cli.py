@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL_HELP = "model: a Hugging Face directory or a llama2.c .bin"
+DEFAULT_MODEL_HELP = "model: a Hugging Face directory, a .gguf file or a llama2.c .bin"
 
 
 def parse_rope_scaling(text: str | None) -> dict | None:
@@ -118,14 +118,21 @@ def cmd_chat(a: argparse.Namespace) -> None:
 
 
 def cmd_convert(a: argparse.Namespace) -> None:
-  from .checkpoint import hf, load_checkpoint
+  from .checkpoint import gguf, hf, load_checkpoint
+  from .tokenizer import Tokenizer
   out = Path(a.out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.force:
-    raise ValueError(f"{out} already exists and is not empty; choose another folder or pass --force")
+    raise ValueError(f"{out} already exists{' and is not empty' if out.is_dir() else ''}; choose another path or pass --force")
   ckpt = load_checkpoint(a.src)
   tok = a.tokenizer or ckpt.tokenizer_path
-  dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(a.dtype, a.dtype)
-  if a.to == "hf": hf.save(out, ckpt.args, ckpt.float_weights(), tokenizer_model=tok, dtype=dtype)
+  if a.to == "hf":
+    if a.dtype == "q8_0": raise ValueError("--dtype q8_0 is for --to gguf; HF export takes f32, f16 or bf16")
+    dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[a.dtype]
+    hf.save(out, ckpt.args, ckpt.float_weights(), tokenizer_model=tok, dtype=dtype)
+  else:
+    if a.dtype == "bf16": raise ValueError("GGUF export takes --dtype f32, f16 or q8_0")
+    tokenizer = Tokenizer(tok) if tok else (Tokenizer.from_proto(ckpt.tokenizer_proto, a.src) if ckpt.tokenizer_proto else None)
+    gguf.save(out, ckpt.args, ckpt.float_weights(), tokenizer=tokenizer, dtype=a.dtype)
   print(f"wrote {a.to} model to {out}")
 
 
@@ -160,11 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="chat format: llama2 [INST] format, plain continuation, or auto (by model name)")
   c.set_defaults(fn=cmd_chat)
   v = sub.add_parser("convert", help="convert a checkpoint to another format")
-  v.add_argument("src", help="source model (HF directory or llama2.c .bin)")
-  v.add_argument("--to", choices=["hf"], required=True, help="target format")
-  v.add_argument("out", help="output folder")
+  v.add_argument("src", help="source model (HF directory, .gguf or llama2.c .bin)")
+  v.add_argument("--to", choices=["hf", "gguf"], required=True, help="target format")
+  v.add_argument("out", help="output folder (hf) or file (gguf)")
   v.add_argument("--tokenizer", help="tokenizer.model to include")
-  v.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32", help="stored dtype")
+  v.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
+                 help="stored dtype (bf16: hf only; q8_0: gguf only)")
   v.add_argument("--force", action="store_true", help="write into an existing non-empty folder")
   v.set_defaults(fn=cmd_convert)
   b = sub.add_parser("bench", help="prefill/decode speed, first-token latency, memory")

@@ -260,3 +260,99 @@ def sentencepiece_proto(f: GGUFFile) -> bytes:
   add_prefix = bool(m.get("tokenizer.ggml.add_space_prefix", True))
   normalizer = _bytes_field(1, b"identity") + _int_field(3, int(add_prefix)) + _int_field(4, 0)
   return b"".join(pieces) + _bytes_field(2, trainer) + _bytes_field(3, normalizer)
+
+
+# ---- writing -----------------------------------------------------------------------------------------------
+
+_THEIRS = {v: k for k, v in _OURS.items()}
+_THEIRS_LAYER = {v: k for k, v in _LAYER.items()}
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}
+
+
+def gguf_name(ours: str) -> str:
+  if ours in _THEIRS: return _THEIRS[ours]
+  _, i, rest = ours.split(".", 2)
+  return f"blk.{i}.{_THEIRS_LAYER[rest.removesuffix('.weight')]}.weight"
+
+
+def _w_string(s: str) -> bytes:
+  b = s.encode("utf-8")
+  return struct.pack("<Q", len(b)) + b
+
+
+def _w_kv(key: str, value) -> bytes:
+  out = _w_string(key)
+  if isinstance(value, bool): return out + struct.pack("<I?", 7, value)
+  if isinstance(value, str): return out + struct.pack("<I", 8) + _w_string(value)
+  if isinstance(value, float): return out + struct.pack("<If", 6, value)
+  if isinstance(value, int): return out + struct.pack("<II", 4, value)
+  if isinstance(value, list) and all(isinstance(v, str) for v in value):
+    return out + struct.pack("<IIQ", 9, 8, len(value)) + b"".join(_w_string(v) for v in value)
+  arr = np.asarray(value)
+  etype = {np.dtype(np.float32): 6, np.dtype(np.int32): 5}[arr.dtype]
+  return out + struct.pack("<IIQ", 9, etype, len(arr)) + arr.tobytes()
+
+
+def quantize_q8_0(w: np.ndarray) -> bytes:
+  """llama.cpp's reference Q8_0: per 32 values d = max|x| / 127 (stored fp16), q = round(x / d)."""
+  b = w.reshape(w.shape[0], -1, 32).astype(np.float32)
+  d = np.abs(b).max(-1) / np.float32(127)
+  q = np.rint(b * np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0)[..., None]).astype(np.int8)
+  rec = np.zeros(d.shape, np.dtype([("d", "<f2"), ("qs", "i1", 32)]))
+  rec["d"], rec["qs"] = d.astype(np.float16), q
+  return rec.tobytes()
+
+
+def tokenizer_metadata(tokenizer) -> dict:
+  """tokenizer.ggml.* keys from a SentencePiece tokenizer, as llama.cpp's converter writes them."""
+  sp = tokenizer.sp
+  n = sp.GetPieceSize()
+  types = [2 if sp.IsUnknown(i) else 3 if sp.IsControl(i) else 5 if sp.IsUnused(i) else 6 if sp.IsByte(i) else 1
+           for i in range(n)]
+  return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.IdToPiece(i) for i in range(n)],
+          "tokenizer.ggml.scores": np.array([sp.GetScore(i) for i in range(n)], np.float32),
+          "tokenizer.ggml.token_type": np.array(types, np.int32), "tokenizer.ggml.bos_token_id": sp.bos_id(),
+          "tokenizer.ggml.eos_token_id": sp.eos_id(), "tokenizer.ggml.unknown_token_id": sp.unk_id(),
+          "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False}
+
+
+def save(path: str | Path, args: ModelArgs, weights: dict[str, np.ndarray], tokenizer=None, dtype: str = "f32",
+         name: str = "tinyllama2") -> None:
+  """Write a llama GGUF v3 file (tokenizer embedded when given). dtype f32, f16 or q8_0 for the matrices;
+  norms stay f32 and a matrix whose width is not a multiple of 32 stays f16/f32, as llama.cpp does."""
+  from ..fileio import atomic_write
+  if dtype not in FILE_TYPES: raise ValueError(f"unsupported GGUF dtype {dtype!r}; use f32, f16 or q8_0")
+  meta: dict = {"general.architecture": "llama", "general.name": name, "general.file_type": FILE_TYPES[dtype],
+                "general.alignment": 32, "llama.context_length": args.max_position_embeddings,
+                "llama.embedding_length": args.dim, "llama.block_count": args.n_layers,
+                "llama.feed_forward_length": args.hidden_dim, "llama.rope.dimension_count": args.head_dim,
+                "llama.attention.head_count": args.n_heads, "llama.attention.head_count_kv": args.n_kv_heads,
+                "llama.attention.layer_norm_rms_epsilon": float(args.norm_eps),
+                "llama.rope.freq_base": float(args.rope_theta), "llama.vocab_size": args.vocab_size}
+  if args.rope_scaling is not None and args.rope_scaling.type == "linear":
+    meta.update({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": float(args.rope_scaling.factor)})
+  elif args.rope_scaling is not None:
+    raise ValueError(f"GGUF export of rope scaling {args.rope_scaling.type!r} is not supported yet")
+  if tokenizer is not None: meta.update(tokenizer_metadata(tokenizer))
+  blobs: list[tuple[str, int, tuple[int, ...], bytes]] = []
+  for ours, arr in weights.items():
+    if args.tie_embeddings and ours == "output.weight": continue
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim == 1 or dtype == "f32": blobs.append((gguf_name(ours), F32, arr.shape, arr.tobytes()))
+    elif dtype == "q8_0" and arr.shape[1] % 32 == 0: blobs.append((gguf_name(ours), Q8_0, arr.shape, quantize_q8_0(arr)))
+    else: blobs.append((gguf_name(ours), F16, arr.shape, arr.astype(np.float16).tobytes()))
+  infos, offset = b"", 0
+  for tname, ttype, shape, raw in blobs:
+    offset += -offset % 32
+    infos += _w_string(tname) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in reversed(shape))
+    infos += struct.pack("<IQ", ttype, offset)
+    offset += len(raw)
+  head = MAGIC + struct.pack("<IQQ", 3, len(blobs), len(meta)) + b"".join(_w_kv(k, v) for k, v in meta.items()) + infos
+  with atomic_write(path) as out:
+    out.write(head + b"\0" * (-len(head) % 32))
+    written = 0
+    for _, _, _, raw in blobs:
+      out.write(b"\0" * (-written % 32))
+      written += -written % 32
+      out.write(raw)
+      written += len(raw)
