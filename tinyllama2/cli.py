@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL_HELP = "model: a Hugging Face directory, a .gguf file or a llama2.c .bin"
+DEFAULT_MODEL_HELP = "model: a Hugging Face or Meta directory, a .gguf file or a llama2.c .bin"
 
 
 def parse_rope_scaling(text: str | None) -> dict | None:
@@ -118,7 +119,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
 
 
 def cmd_convert(a: argparse.Namespace) -> None:
-  from .checkpoint import gguf, hf, load_checkpoint
+  from .checkpoint import gguf, hf, load_checkpoint, meta
   from .tokenizer import Tokenizer
   out = Path(a.out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.force:
@@ -129,6 +130,10 @@ def cmd_convert(a: argparse.Namespace) -> None:
     if a.dtype == "q8_0": raise ValueError("--dtype q8_0 is for --to gguf; HF export takes f32, f16 or bf16")
     dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[a.dtype]
     hf.save(out, ckpt.args, ckpt.float_weights(), tokenizer_model=tok, dtype=dtype)
+  elif a.to == "meta":
+    if a.dtype != "f32": raise ValueError("Meta export writes f32; drop --dtype")
+    meta.save(out, ckpt.args, ckpt.float_weights())
+    if tok: shutil.copyfile(tok, out / "tokenizer.model")
   else:
     if a.dtype == "bf16": raise ValueError("GGUF export takes --dtype f32, f16 or q8_0")
     tokenizer = Tokenizer(tok) if tok else (Tokenizer.from_proto(ckpt.tokenizer_proto, a.src) if ckpt.tokenizer_proto else None)
@@ -167,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="chat format: llama2 [INST] format, plain continuation, or auto (by model name)")
   c.set_defaults(fn=cmd_chat)
   v = sub.add_parser("convert", help="convert a checkpoint to another format")
-  v.add_argument("src", help="source model (HF directory, .gguf or llama2.c .bin)")
-  v.add_argument("--to", choices=["hf", "gguf"], required=True, help="target format")
-  v.add_argument("out", help="output folder (hf) or file (gguf)")
+  v.add_argument("src", help="source model (HF or Meta directory, .gguf or llama2.c .bin)")
+  v.add_argument("--to", choices=["hf", "gguf", "meta"], required=True, help="target format")
+  v.add_argument("out", help="output folder (hf, meta) or file (gguf)")
   v.add_argument("--tokenizer", help="tokenizer.model to include")
   v.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
                  help="stored dtype (bf16: hf only; q8_0: gguf only)")

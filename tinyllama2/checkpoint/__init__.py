@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelArgs
-from . import gguf, hf, llama2c
+from . import gguf, hf, llama2c, meta
 
 
 @dataclass
@@ -26,11 +26,12 @@ class Checkpoint:
 def detect_format(path: Path) -> str:
   if not path.exists(): raise FileNotFoundError(f"model not found: {path}")
   if hf.is_hf_dir(path): return "hf"
+  if meta.is_meta_dir(path): return "meta"
   if path.is_file() and path.suffix == ".bin": return "llama2c"
   if path.is_file() and path.suffix == ".gguf": return "gguf"
   if path.is_dir():
-    raise ValueError(f"{path}: no config.json here; expected a Hugging Face model directory (config.json + "
-                     "model.safetensors) or a llama2.c .bin file")
+    raise ValueError(f"{path}: neither config.json nor params.json + consolidated.*.pth here; expected a Hugging "
+                     "Face model directory, a Meta checkpoint directory, a .gguf or a llama2.c .bin file")
   raise ValueError(f"{path}: unknown model format (expected a Hugging Face directory, a .gguf or a llama2.c .bin)")
 
 
@@ -39,6 +40,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
   fmt = detect_format(path)
   proto = None
   if fmt == "hf": args, weights = hf.load(path)
+  elif fmt == "meta": args, weights = meta.load(path)
   elif fmt == "gguf":
     f = gguf.read(path)
     args, weights = gguf.load(f)
