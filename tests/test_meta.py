@@ -99,3 +99,23 @@ def test_real_torch_files_when_torch_is_installed(tmp_path):
   torch.save(sd, tmp_path / "t.pth")
   got = meta.load_pth(tmp_path / "t.pth")
   for k, v in sd.items(): np.testing.assert_array_equal(got[k], v.float().numpy() if k == "c" else v.numpy())
+
+
+def test_conversion_chain_is_lossless(tmp_path, stories, reference):
+  """stories260K → HF → GGUF (f32) → HF → Meta → llama2.c v1: weights identical at every hop."""
+  from tinyllama2.checkpoint import load_checkpoint
+  from tinyllama2.cli import main as cli
+  need(STORIES, TOK512)
+  original = load_checkpoint(STORIES)
+  hops = [("hf", tmp_path / "hf1"), ("gguf", tmp_path / "m.gguf"), ("hf", tmp_path / "hf2"), ("meta", tmp_path / "meta")]
+  src = STORIES
+  for fmt, out in hops:
+    assert cli(["convert", str(src), "--to", fmt, str(out), "--tokenizer", str(TOK512)]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt.args.replace(max_position_embeddings=512, eos_id=2) == original.args, fmt
+    for name, w in original.weights.items(): np.testing.assert_array_equal(ckpt.float_weights()[name], w, err_msg=f"{fmt} {name}")
+    src = out
+  llama2c.save_v1(tmp_path / "back.bin", original.args, load_checkpoint(src).float_weights())
+  back = Llama.from_pretrained(tmp_path / "back.bin")
+  tokens = reference["runc_generated"]["runs"][0]["tokens"][:32]
+  np.testing.assert_allclose(back.logits(tokens), stories.logits(tokens), atol=1e-5)

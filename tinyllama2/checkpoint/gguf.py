@@ -73,6 +73,8 @@ class _Reader:
     except UnicodeDecodeError: raise ValueError(f"{self.path}: corrupt GGUF file ({what} is not UTF-8)") from None
 
   def value(self, vtype: int, what: str):
+    # an f32 comes back as the shortest decimal that reads back as the same f32 (1e-05, not 9.99999975e-06)
+    if vtype == 6: return float(str(np.float32(self.scalar("<f", what))))
     if vtype in _SCALARS: return self.scalar(_SCALARS[vtype], what)
     if vtype == 8: return self.string(what)
     if vtype == 9:
