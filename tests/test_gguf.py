@@ -200,3 +200,24 @@ def test_dequantize_blocks_made_by_gguf_package(qtype):
   blocks = (gguf.q8_0_blocks if qtype == "Q8_0" else gguf.q4_0_blocks)(raw, (8, 64))
   w = gguf.QuantizedWeight("int8" if qtype == "Q8_0" else "int4", *blocks, (8, 64))
   np.testing.assert_array_equal(w.dequantize(), gguf_py.quants.dequantize(raw, t).reshape(8, 64))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K", "Q6_K"])
+def test_k_quant_and_q4_1_dequantization(tmp_path, qtype):
+  """Random blocks (finite fp16 scales) dequantized by us and by llama.cpp's gguf package."""
+  gguf_py = pytest.importorskip("gguf", reason="the PyPI gguf package (llama.cpp's dequantizer) is not installed")
+  ttype = {"Q4_1": gguf.Q4_1, "Q4_K": gguf.Q4_K, "Q6_K": gguf.Q6_K}[qtype]
+  per_block, block_bytes = gguf.BLOCKS[ttype]
+  rows, cols = 4, 512
+  raw = np.random.default_rng(5).integers(0, 256, rows * cols // per_block * block_bytes, dtype=np.uint8)
+  blocks = raw.reshape(-1, block_bytes)
+  half_offsets = {"Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}[qtype]   # where the fp16 scales sit
+  for off in half_offsets:
+    blocks[:, off:off + 2] = np.frombuffer(np.random.default_rng(6).uniform(-0.1, 0.1, len(blocks)).astype("<f2").tobytes(),
+                                           np.uint8).reshape(-1, 2)
+  path = tmp_path / "k.gguf"
+  write_gguf(path, {"w": (ttype, (rows, cols), blocks.tobytes())})
+  f = gguf.read(path)
+  ours = gguf.dequantize(f, f.tensors["w"])
+  theirs = gguf_py.quants.dequantize(blocks.reshape(rows, -1), gguf_py.GGMLQuantizationType[qtype]).reshape(rows, cols)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)

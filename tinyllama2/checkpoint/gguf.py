@@ -20,11 +20,11 @@ MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NP_SCALARS = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
                7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
-F32, F16, Q4_0, Q8_0, BF16 = 0, 1, 2, 8, 30
+F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 14, 30
 # type -> (elements per block, bytes per block)
-BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q8_0: (32, 34), Q4_0: (32, 18), 3: (32, 20), 12: (256, 144),
-          14: (256, 210)}
-TYPE_NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q8_0: "Q8_0", Q4_0: "Q4_0", 3: "Q4_1", 12: "Q4_K", 14: "Q6_K"}
+BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q8_0: (32, 34), Q4_0: (32, 18), Q4_1: (32, 20), Q4_K: (256, 144),
+          Q6_K: (256, 210)}
+TYPE_NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q8_0: "Q8_0", Q4_0: "Q4_0", Q4_1: "Q4_1", Q4_K: "Q4_K", Q6_K: "Q6_K"}
 _OURS = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"}
 _LAYER = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
           "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
@@ -143,6 +143,41 @@ def q4_0_blocks(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np
   return np.ascontiguousarray(blocks["qs"]), np.ascontiguousarray(blocks["d"])
 
 
+def _q4_1(raw: np.ndarray) -> np.ndarray:
+  """Blocks of 32: x = d * q + m, q in the nibbles (low: elements 0-15, high: 16-31)."""
+  b = raw.view(np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)]))
+  q = np.concatenate([b["qs"] & 15, b["qs"] >> 4], axis=-1).astype(np.float32)
+  return q * b["d"].astype(np.float32)[:, None] + b["m"].astype(np.float32)[:, None]
+
+
+def _q4_k(raw: np.ndarray) -> np.ndarray:
+  """Super-blocks of 256 = 8 sub-blocks of 32 with 6-bit scales and mins: x = d*sc*q - dmin*m."""
+  b = raw.view(np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)]))
+  s = b["scales"].astype(np.int32)
+  sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+  mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+  qs = b["qs"].reshape(-1, 4, 32)
+  q = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)   # sub-blocks 2i (low), 2i+1 (high)
+  d, dmin = b["d"].astype(np.float32)[:, None, None], b["dmin"].astype(np.float32)[:, None, None]
+  return (d * sc[:, :, None] * q - dmin * mn[:, :, None]).reshape(-1, 256)
+
+
+def _q6_k(raw: np.ndarray) -> np.ndarray:
+  """Super-blocks of 256: 6-bit q = 4 low bits (ql) + 2 high bits (qh) - 32, int8 scale per 16, fp16 d."""
+  b = raw.view(np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")]))
+  out = np.empty((len(b), 256), np.float32)
+  d = b["d"].astype(np.float32)[:, None]
+  for half in range(2):
+    ql, qh = b["ql"][:, 64 * half:64 * half + 64].astype(np.int32), b["qh"][:, 32 * half:32 * half + 32].astype(np.int32)
+    sc = b["scales"][:, 8 * half:8 * half + 8].astype(np.float32)
+    quads = [(ql[:, :32] & 15) | ((qh & 3) << 4), (ql[:, 32:] & 15) | (((qh >> 2) & 3) << 4),
+             (ql[:, :32] >> 4) | (((qh >> 4) & 3) << 4), (ql[:, 32:] >> 4) | (((qh >> 6) & 3) << 4)]
+    for k, q in enumerate(quads):   # values 32k..32k+31 of this half; scale index (l // 16) + 2k
+      scale = np.repeat(sc[:, 2 * k:2 * k + 2], 16, axis=1)
+      out[:, 128 * half + 32 * k:128 * half + 32 * k + 32] = d * scale * (q - 32)
+  return out
+
+
 def dequantize(f: GGUFFile, t: TensorInfo) -> np.ndarray:
   raw = _raw(f, t)
   if t.type == F32: return raw.view(np.float32).reshape(t.shape)
@@ -155,8 +190,9 @@ def dequantize(f: GGUFFile, t: TensorInfo) -> np.ndarray:
     packed, d = q4_0_blocks(raw, t.shape)
     vals = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.float32) - 8
     return (vals * d.astype(np.float32)[..., None]).reshape(t.shape)
-  raise ValueError(f"{f.path}: tensor {t.name!r} is {TYPE_NAMES.get(t.type, t.type)}, which tinyllama2 cannot read yet "
-                   "(F32, F16, BF16, Q8_0 and Q4_0 are supported)")
+  if t.type in (Q4_1, Q4_K, Q6_K): return {Q4_1: _q4_1, Q4_K: _q4_k, Q6_K: _q6_k}[t.type](raw).reshape(t.shape)
+  raise ValueError(f"{f.path}: tensor {t.name!r} has GGUF type {TYPE_NAMES.get(t.type, t.type)}, which tinyllama2 "
+                   "cannot read")
 
 
 @dataclass
