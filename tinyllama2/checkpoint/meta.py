@@ -32,6 +32,23 @@ class _Storage:
   def __init__(self, data: np.ndarray): self.data = data
 
 
+def _stored_member(archive: zipfile.ZipFile, source: Path, name: str, dtype) -> np.ndarray:
+  """An uncompressed zip member as a read-only memory map (torch.save stores members uncompressed), so a
+  checkpoint is not held in memory twice; compressed members are read normally."""
+  try: info = archive.getinfo(name)
+  except KeyError: raise pickle.UnpicklingError(f"storage {name} is missing from the archive") from None
+  itemsize = np.dtype(dtype).itemsize
+  if info.compress_type != zipfile.ZIP_STORED or info.file_size < itemsize:
+    return np.frombuffer(archive.read(name), dtype=dtype)
+  with open(source, "rb") as f:
+    f.seek(info.header_offset)
+    local = f.read(30)
+  if len(local) < 30 or local[:4] != b"PK\x03\x04": raise pickle.UnpicklingError(f"corrupt zip entry {name}")
+  start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+  if start + info.file_size > source.stat().st_size: raise pickle.UnpicklingError(f"storage {name} is truncated")
+  return np.memmap(source, dtype=dtype, mode="r", offset=start, shape=(info.file_size // itemsize,))
+
+
 def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple, *_rest) -> np.ndarray:
   if not isinstance(storage, _Storage): raise pickle.UnpicklingError("tensor without a storage")
   size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
@@ -62,14 +79,14 @@ class SafeUnpickler(pickle.Unpickler):
     raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a PyTorch state dict does not need it "
                                  "(the file may try to run code)")
 
+  def _member(self, name: str, dtype) -> np.ndarray: return _stored_member(self.archive, self.source, name, dtype)
+
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
       raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
     _, stype, key, _location, numel = pid[:5]
     dtype = _STORAGE_DTYPES[stype.name]
-    try: raw = self.archive.read(f"{self.prefix}/data/{key}")
-    except KeyError: raise pickle.UnpicklingError(f"storage {key} is missing from the archive") from None
-    arr = np.frombuffer(raw, dtype=np.uint16 if dtype == "bf16" else dtype)
+    arr = self._member(f"{self.prefix}/data/{key}", np.uint16 if dtype == "bf16" else dtype)
     if arr.size < int(numel): raise pickle.UnpicklingError(f"storage {key} is truncated")
     if dtype == "bf16": arr = (arr.astype(np.uint32) << 16).view(np.float32)
     return _Storage(arr)
@@ -91,7 +108,8 @@ def load_pth(path: str | Path) -> dict[str, np.ndarray]:
       raise ValueError(f"{path}: cannot load ({type(e).__name__}: {e})") from None
   if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
     raise ValueError(f"{path}: expected a state dict of tensors")
-  return {str(k): np.ascontiguousarray(v) for k, v in state.items()}
+  # views of a memory map stay lazy; a strided view is copied to be contiguous
+  return {str(k): v if v.flags.c_contiguous else np.ascontiguousarray(v) for k, v in state.items()}
 
 
 def is_meta_dir(path: Path) -> bool:
