@@ -26,3 +26,22 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
 
 def write_text(path: str | Path, text: str) -> None:
   with atomic_write(path, "w") as f: f.write(text)
+
+
+def release_mapped(arr) -> None:
+  """Drop the resident pages of a read-only memory-mapped array once its data has been copied elsewhere, so a
+  loaded checkpoint does not count twice in the process's memory. Pages are re-read from the file if touched."""
+  import mmap
+
+  import numpy as np
+  base = arr
+  while base is not None and not isinstance(getattr(base, "_mmap", None), mmap.mmap): base = getattr(base, "base", None)
+  if base is None or not hasattr(mmap, "MADV_DONTNEED"): return
+  mm = base._mmap
+  try: start_addr = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+  except (ValueError, TypeError): return
+  page = mmap.PAGESIZE
+  lo = (arr.ctypes.data - start_addr) // page * page
+  hi = arr.ctypes.data - start_addr + arr.nbytes
+  if lo < 0 or hi > len(mm): return
+  with contextlib.suppress(OSError, ValueError): mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)

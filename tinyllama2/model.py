@@ -16,6 +16,7 @@ from tinygrad import Tensor, TinyJit, UOp, Variable, dtypes  # noqa: E402
 from tinygrad.dtype import DType  # noqa: E402
 
 from .config import ModelArgs  # noqa: E402
+from .fileio import release_mapped  # noqa: E402
 from .rope import rope_tables  # noqa: E402
 
 
@@ -156,10 +157,10 @@ class Transformer:
       w = weights[name]
       if tuple(w.shape) != tuple(param.shape):
         raise ValueError(f"weight {name}: shape {tuple(w.shape)} does not match the model's {tuple(param.shape)}")
-      # a writable copy: some backends (OpenCL) refuse to copy from a read-only memory map
+      # a writable copy (OpenCL refuses read-only memory maps), realized at once so only one copy lives at a time
       t = w if isinstance(w, Tensor) else Tensor(np.array(w, order="C"), device=self.device)
-      param.replace(t.to(self.device).cast(self.dtype).contiguous())
-    Tensor.realize(*[p for name, p in params.items() if name in weights])
+      param.replace(t.to(self.device).cast(self.dtype).contiguous().realize())
+      if isinstance(w, np.ndarray): release_mapped(w)
 
   def init_random(self, seed: int = 0, std: float = 0.02) -> None:
     """Seeded random init as in llama2.c's model.py (normal(0, 0.02), residual projections scaled, norms 1)."""
