@@ -37,6 +37,7 @@ def test_stop_string_cuts_text(stories):
   stop = full.text[20:26]
   cut = stories.generate("Lily was", max_new_tokens=60, stop=[stop])
   assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+  assert cut.decode_tokens_per_s > 0 and cut.time_to_first_token_s > 0
   stream = stories.generate("Lily was", max_new_tokens=60, stop=stop, stream=True)
   assert "".join(stream) == cut.text
 

@@ -129,6 +129,7 @@ class TextStream:
         text, reason = text[:cut], "stop"
         if emitted < len(text): yield text[emitted:]
         emitted = len(text)
+        self._tokens.close()   # finish the generator so it records its timings
         break
       ready = len(text) - self._held_back(text)
       while ready > 0 and text[ready - 1] == "\ufffd": ready -= 1   # an incomplete UTF-8 sequence
@@ -150,24 +151,26 @@ def generate_tokens(decoder: Decoder, prompt: list[int], cfg: GenerationConfig, 
   cfg.validate()
   rng = np.random.Generator(np.random.PCG64(cfg.seed))
   t0 = time.perf_counter()
+  t_first, ttft, n_new = t0, 0.0, 0
   finish["reason"] = "length"
   if cfg.max_new_tokens == 0: return
-  seen = list(prompt)
-  logits = decoder.prefill(prompt)
-  t_first = time.perf_counter()
-  n_new = 0
-  while True:
-    token = choose(process(logits, cfg.sampling, seen), cfg.sampling, rng)
-    if n_new == 0: ttft = time.perf_counter() - t0
-    n_new += 1
-    seen.append(token)
-    if token in eos_ids:
-      finish["reason"] = "stop"
-      break
-    yield token
-    if n_new >= cfg.max_new_tokens or len(seen) >= decoder.model.max_seq_len: break
-    logits = decoder.step(token, len(seen) - 1)
-  t_end = time.perf_counter()
-  finish["timings"] = dict(prefill_tokens_per_s=len(prompt) / max(t_first - t0, 1e-9),
-                           decode_tokens_per_s=(n_new - 1) / (t_end - t_first) if n_new > 1 else 0.0,
-                           time_to_first_token_s=ttft)
+  try:
+    seen = list(prompt)
+    logits = decoder.prefill(prompt)
+    t_first = time.perf_counter()
+    while True:
+      token = choose(process(logits, cfg.sampling, seen), cfg.sampling, rng)
+      if n_new == 0: ttft = time.perf_counter() - t0
+      n_new += 1
+      seen.append(token)
+      if token in eos_ids:
+        finish["reason"] = "stop"
+        break
+      yield token
+      if n_new >= cfg.max_new_tokens or len(seen) >= decoder.model.max_seq_len: break
+      logits = decoder.step(token, len(seen) - 1)
+  finally:   # also when the consumer stops early (a stop string) and closes this generator
+    t_end = time.perf_counter()
+    finish["timings"] = dict(prefill_tokens_per_s=len(prompt) / max(t_first - t0, 1e-9),
+                             decode_tokens_per_s=(n_new - 1) / (t_end - t_first) if n_new > 1 else 0.0,
+                             time_to_first_token_s=ttft)

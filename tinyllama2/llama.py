@@ -46,6 +46,12 @@ class Llama:
     if adapter is not None: raise ValueError("adapter= is not available yet in this version")
     ckpt = load_checkpoint(path)
     args = ckpt.args
+    tok_path = tokenizer if tokenizer is not None else ckpt.tokenizer_path
+    if tok_path is not None: tok = Tokenizer(tok_path)   # checked before the (slow) weights reach the device
+    elif ckpt.tokenizer_proto is not None: tok = Tokenizer.from_proto(ckpt.tokenizer_proto, path)
+    else: tok = None
+    if tok is not None and tok.vocab_size > args.vocab_size:
+      raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model only {args.vocab_size} rows")
     if rope_scaling is not None: args = args.replace(rope_scaling=RopeScaling.from_dict(rope_scaling))
     if max_seq_len is not None:
       if max_seq_len <= 0: raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
@@ -58,12 +64,6 @@ class Llama:
       load_prequantized(model, ckpt.weights)
       model.quantization = "mixed" if quantize is None else quantize
     if quantize is not None: quantize_model(model, quantize)
-    tok_path = tokenizer if tokenizer is not None else ckpt.tokenizer_path
-    if tok_path is not None: tok = Tokenizer(tok_path)
-    elif ckpt.tokenizer_proto is not None: tok = Tokenizer.from_proto(ckpt.tokenizer_proto, path)
-    else: tok = None
-    if tok is not None and tok.vocab_size > args.vocab_size:
-      raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model only {args.vocab_size} rows")
     return cls(model, tok)
 
   @property
