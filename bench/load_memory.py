@@ -5,8 +5,6 @@ Writes random weights of the shape as llama2.c .bin, HF safetensors, GGUF and Me
 with Llama.from_pretrained on the CPU and reports peak RSS as a multiple of the weights' size.
 """
 import argparse
-import json
-import resource
 import subprocess
 import sys
 import time

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STORIES, TOK512, need
+from conftest import STORIES, need
 from tinyllama2 import Llama
 
 ROOT = Path(__file__).resolve().parents[1]

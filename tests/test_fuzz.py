@@ -3,7 +3,6 @@ exception type, a hang or a giant allocation."""
 import time
 
 import numpy as np
-import pytest
 
 from conftest import SHARED, STORIES, need
 from tinyllama2.checkpoint import hf, llama2c, load_checkpoint, meta
