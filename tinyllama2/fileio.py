@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -31,9 +34,6 @@ def write_text(path: str | Path, text: str) -> None:
 def release_mapped(arr) -> None:
   """Drop the resident pages of a read-only memory-mapped array once its data has been copied elsewhere, so a
   loaded checkpoint does not count twice in the process's memory. Pages are re-read from the file if touched."""
-  import mmap
-
-  import numpy as np
   base = arr
   while base is not None and not isinstance(getattr(base, "_mmap", None), mmap.mmap): base = getattr(base, "base", None)
   if base is None or not hasattr(mmap, "MADV_DONTNEED"): return

@@ -61,9 +61,8 @@ class Decoder:
     rt, out = self.model._runtime, []
     for start in range(0, len(ids), self.prefill_chunk):
       chunk = Tensor([list(ids[start:start + self.prefill_chunk])], dtype="int32", device=self.model.device)
-      logits = self.model.prefill(chunk, rt.pos_var.bind(start), all_logits=all_logits)
-      if all_logits or start + self.prefill_chunk >= len(ids): out.append(logits.realize().numpy()[0])
-    return np.concatenate(out) if all_logits else out[-1][-1]
+      out.append(self.model.prefill(chunk, rt.pos_var.bind(start)).realize().numpy()[0])
+    return np.concatenate(out)
 
   def _prefill_compiled(self, ids: list[int]) -> np.ndarray:
     """Chunks padded to a power of two run as captured graphs. Padding is harmless: padded positions come

@@ -190,10 +190,9 @@ class Transformer:
     onehot = Tensor.arange(w.shape[0]) == tokens.unsqueeze(-1)
     return onehot.unsqueeze(-1).where(w, 0).sum(-2, dtype=w.dtype)
 
-  def prefill(self, tokens: Tensor, start_pos: int | UOp, all_logits: bool = False) -> Tensor:
-    """Run tokens [B, T] at positions start_pos.. through the model, filling the cache; float32 logits."""
-    h = self.forward_hidden(self.embed(tokens), start_pos)
-    return self.logits_from_hidden(h if all_logits else h[:, -1:])
+  def prefill(self, tokens: Tensor, start_pos: int | UOp) -> Tensor:
+    """Run tokens [B, T] at positions start_pos.. through the model, filling the cache; float32 logits of every row."""
+    return self.logits_from_hidden(self.forward_hidden(self.embed(tokens), start_pos))
 
   def prefill_last(self, tokens: Tensor, start_pos: UOp, last: UOp) -> Tensor:
     """Prefill tokens [1, T] and return the logits [1, vocab] of row `last` (a bound Variable), so a chunk

@@ -95,7 +95,8 @@ def quantize_model(model, mode: str) -> None:
   A matrix whose input width is not a multiple of 32 stays float, as llama.cpp falls back for such rows."""
   from .model import Linear
   if mode not in MODES: raise ValueError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
-  if model.output is None: model.output = Linear.wrap(model.tok_embeddings.weight)   # the head gets its own copy
+  # a tied head becomes its own layer here, so the quantized head and the float embedding are separate tensors
+  if model.output is None: model.output = Linear.wrap(model.tok_embeddings.weight)
   for owner, attr, _ in _linears(model):
     layer = getattr(owner, attr)
     if isinstance(layer, QuantLinear):

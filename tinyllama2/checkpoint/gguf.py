@@ -95,7 +95,7 @@ class _Reader:
 def read(path: str | Path) -> GGUFFile:
   path = Path(path)
   r = _Reader(path)
-  if r.raw(4, "magic") != MAGIC if r.size >= 4 else True: raise ValueError(f"{path}: not a GGUF file (bad magic)")
+  if r.size < 4 or r.raw(4, "magic") != MAGIC: raise ValueError(f"{path}: not a GGUF file (bad magic)")
   version = r.scalar("<I", "version")
   if version not in (2, 3): raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
   n_tensors, n_kv = r.scalar("<Q", "tensor count"), r.scalar("<Q", "metadata count")
@@ -183,13 +183,7 @@ def dequantize(f: GGUFFile, t: TensorInfo) -> np.ndarray:
   if t.type == F32: return raw.view(np.float32).reshape(t.shape)
   if t.type == F16: return raw.view(np.float16).reshape(t.shape)
   if t.type == BF16: return bf16_to_f32(raw.view(np.uint16)).reshape(t.shape)
-  if t.type == Q8_0:
-    q, d = q8_0_blocks(raw, t.shape)
-    return (q.astype(np.float32) * d.astype(np.float32)[..., None]).reshape(t.shape)
-  if t.type == Q4_0:
-    packed, d = q4_0_blocks(raw, t.shape)
-    vals = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.float32) - 8
-    return (vals * d.astype(np.float32)[..., None]).reshape(t.shape)
+  if t.type in (Q8_0, Q4_0): return quantized_weight(f, t).dequantize()
   if t.type in (Q4_1, Q4_K, Q6_K): return {Q4_1: _q4_1, Q4_K: _q4_k, Q6_K: _q6_k}[t.type](raw).reshape(t.shape)
   raise ValueError(f"{f.path}: tensor {t.name!r} has GGUF type {TYPE_NAMES.get(t.type, t.type)}, which tinyllama2 "
                    "cannot read")
@@ -207,6 +201,12 @@ class QuantizedWeight:
     if self.mode == "int8": vals = self.packed.astype(np.float32)
     else: vals = np.concatenate([self.packed & 15, self.packed >> 4], axis=-1).astype(np.float32) - 8
     return (vals * self.scale.astype(np.float32)[..., None]).reshape(self.shape)
+
+
+def quantized_weight(f: GGUFFile, t: TensorInfo) -> QuantizedWeight:
+  """A Q8_0 or Q4_0 tensor as its blocks, without dequantizing."""
+  packed, scale = (q8_0_blocks if t.type == Q8_0 else q4_0_blocks)(_raw(f, t), t.shape)
+  return QuantizedWeight("int8" if t.type == Q8_0 else "int4", packed, scale, t.shape)
 
 
 def our_name(gguf_name: str) -> str | None:
@@ -253,11 +253,8 @@ def load(path: str | Path | GGUFFile) -> tuple[ModelArgs, dict[str, np.ndarray |
     if ours is None:
       if name == "rope_freqs.weight": continue
       raise ValueError(f"{path}: unexpected tensor {name!r} for a llama model")
-    if t.type in (Q8_0, Q4_0) and ours != "tok_embeddings.weight":
-      packed, scale = (q8_0_blocks if t.type == Q8_0 else q4_0_blocks)(_raw(f, t), t.shape)
-      weights[ours] = QuantizedWeight("int8" if t.type == Q8_0 else "int4", packed.reshape(t.shape[0], -1, packed.shape[-1]),
-                                      scale, t.shape)
-    else: weights[ours] = dequantize(f, t)
+    keep_blocks = t.type in (Q8_0, Q4_0) and ours != "tok_embeddings.weight"
+    weights[ours] = quantized_weight(f, t) if keep_blocks else dequantize(f, t)
   return args, weights
 
 
