@@ -24,6 +24,7 @@ def parse_rope_scaling(text: str | None) -> dict | None:
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
   p.add_argument("--model", required=required, help=DEFAULT_MODEL_HELP)
   p.add_argument("--tokenizer", help="tokenizer.model path when it is not beside the weights")
+  p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory to apply")
   p.add_argument("--device", help="tinygrad device, e.g. CPU, CL, CUDA, METAL (default: $DEV, else CPU)")
   p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: as stored)")
   p.add_argument("--max-seq-len", type=int, help="context length (default: the checkpoint's trained context)")
@@ -54,7 +55,7 @@ def load_model(a: argparse.Namespace):
   from .llama import Llama
   llm = Llama.from_pretrained(a.model, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
                               max_seq_len=a.max_seq_len, rope_scaling=parse_rope_scaling(a.rope_scaling),
-                              quantize=getattr(a, "quantize", None))
+                              quantize=getattr(a, "quantize", None), adapter=getattr(a, "adapter", None))
   llm.decoder.beam = getattr(a, "beam", 0)
   return llm
 
@@ -153,6 +154,97 @@ def cmd_tune(a: argparse.Namespace) -> None:
   print(f"tuned the decode kernels with BEAM={a.beam}; pass --beam {a.beam} to use them")
 
 
+def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
+  p.add_argument("--max-steps", type=int, default=steps, help="optimizer steps")
+  p.add_argument("--lr", type=float, default=lr, help="peak learning rate (after warmup)")
+  p.add_argument("--min-lr", type=float, help="final learning rate of the cosine schedule (default: lr/10)")
+  p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 5%% of max-steps)")
+  p.add_argument("--batch-size", type=int, default=batch, help="rows per micro-batch")
+  p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+  p.add_argument("--seq-len", type=int, default=256, help="tokens per row")
+  p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (not on norms)")
+  p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+  p.add_argument("--eval-every", type=int, default=100, help="held-out loss every N steps")
+  p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+  p.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout")
+  p.add_argument("--out", required=True, help="output folder (checkpoints, metrics, the trained model)")
+  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+  p.add_argument("--device", help="tinygrad device (default: $DEV, else CPU)")
+
+
+def train_config_kwargs(a: argparse.Namespace) -> dict:
+  return dict(max_steps=a.max_steps, lr=a.lr, min_lr=a.min_lr if a.min_lr is not None else a.lr / 10,
+              warmup_steps=a.warmup_steps if a.warmup_steps is not None else max(1, a.max_steps // 20),
+              batch_size=a.batch_size, grad_accum=a.grad_accum, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
+              eval_every=a.eval_every, save_every=a.save_every, seed=a.seed)
+
+
+def add_pretrain_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--data", nargs="+", required=True, help="plain-text corpus file(s)")
+  p.add_argument("--config", help="a preset shape (e.g. stories15M) instead of the size flags")
+  p.add_argument("--dim", type=int, default=128, help="model width")
+  p.add_argument("--n-layers", type=int, default=6, help="transformer blocks")
+  p.add_argument("--n-heads", type=int, default=4, help="attention heads")
+  p.add_argument("--n-kv-heads", type=int, default=2, help="key/value heads (GQA)")
+  p.add_argument("--vocab-size", type=int, default=512, help="size of the tokenizer trained on --data")
+  p.add_argument("--tokenizer", help="use this tokenizer.model instead of training one")
+  add_train_args(p, steps=1000, lr=2e-3, batch=16)
+
+
+def pretrain_options(a: argparse.Namespace):
+  from .train.recipes import PretrainOptions
+  return PretrainOptions(data=a.data, out=a.out, preset=a.config, dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads,
+                         n_kv_heads=a.n_kv_heads, vocab_size=a.vocab_size, tokenizer=a.tokenizer, seq_len=a.seq_len,
+                         device=a.device, resume=a.resume, train=train_config_kwargs(a))
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
+  p.add_argument("--tokenizer", help="tokenizer.model path when it is not beside the weights")
+  p.add_argument("--data", required=True, help="Alpaca / ShareGPT JSON (or JSONL), or a plain-text file")
+  p.add_argument("--format", choices=["auto", "alpaca", "sharegpt", "text"], default="auto", help="data format")
+  p.add_argument("--template", choices=["llama2", "plain"], default="llama2", help="how dialogues are rendered")
+  p.add_argument("--limit", type=int, help="use only the first N records")
+  p.add_argument("--full", action="store_true", help="train the weights themselves instead of a LoRA adapter")
+  p.add_argument("--freeze", action="append", default=[], help="with --full: freeze weights matching this glob")
+  p.add_argument("--freeze-layers", type=int, default=0, help="with --full: freeze the embeddings and first N blocks")
+  p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+  p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scale = alpha / r)")
+  p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
+  p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated HF module names to adapt")
+  add_train_args(p, steps=200, lr=1e-3, batch=8)
+
+
+def finetune_options(a: argparse.Namespace):
+  from .train.recipes import FinetuneOptions
+  if (a.freeze or a.freeze_layers) and not a.full: raise ValueError("--freeze / --freeze-layers need --full")
+  return FinetuneOptions(model=a.model, data=a.data, out=a.out, format=a.format, tokenizer=a.tokenizer,
+                         template=a.template, lora=not a.full, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+                         lora_dropout=a.lora_dropout, target_modules=[m.strip() for m in a.target_modules.split(",") if m.strip()],
+                         freeze=a.freeze, freeze_layers=a.freeze_layers, seq_len=a.seq_len, limit=a.limit,
+                         device=a.device, resume=a.resume, train=train_config_kwargs(a))
+
+
+def cmd_pretrain(a: argparse.Namespace) -> None:
+  from .train.recipes import pretrain
+  pretrain(pretrain_options(a))
+
+
+def cmd_finetune(a: argparse.Namespace) -> None:
+  from .train.recipes import finetune
+  finetune(finetune_options(a))
+
+
+def cmd_merge(a: argparse.Namespace) -> None:
+  from .llama import Llama
+  from .train.recipes import export_hf
+  out = Path(a.out)
+  if out.exists() and any(out.iterdir()): raise ValueError(f"{out} already exists and is not empty; choose another --out")
+  llm = Llama.from_pretrained(a.model, tokenizer=a.tokenizer, adapter=a.adapter, dtype="float32")
+  export_hf(llm.model, out, llm._tokenizer)
+  print(f"wrote the merged model to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
   from .benchmark import add_bench_args
   p = argparse.ArgumentParser(prog="tinyllama2", description="Llama-2 on tinygrad")
@@ -191,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--quantize", choices=["int8", "int4"], help="tune the quantized kernels")
   t.add_argument("--beam", type=int, default=2, help="BEAM width")
   t.set_defaults(fn=cmd_tune)
+  pt = sub.add_parser("pretrain", help="train a tokenizer and a Llama from scratch on text")
+  add_pretrain_args(pt)
+  pt.set_defaults(fn=cmd_pretrain)
+  ft = sub.add_parser("finetune", help="LoRA or full supervised fine-tuning")
+  add_finetune_args(ft)
+  ft.set_defaults(fn=cmd_finetune)
+  m = sub.add_parser("merge", help="fold a LoRA adapter into its base model and write a Hugging Face directory")
+  m.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
+  m.add_argument("--adapter", required=True, help="PEFT-format LoRA adapter directory")
+  m.add_argument("--tokenizer", help="tokenizer.model path when it is not beside the weights")
+  m.add_argument("--out", required=True, help="output folder")
+  m.set_defaults(fn=cmd_merge)
   return p
 
 

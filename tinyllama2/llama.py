@@ -43,7 +43,8 @@ class Llama:
     from .quantize import MODES, load_prequantized, quantize_model
     if quantize is not None and quantize not in MODES:
       raise ValueError(f"unknown quantize={quantize!r}; use one of {', '.join(MODES)}")
-    if adapter is not None: raise ValueError("adapter= is not available yet in this version")
+    if adapter is not None and quantize is not None:
+      raise ValueError("adapter= with quantize= is not supported: merge the adapter first (tinyllama2 merge)")
     ckpt = load_checkpoint(path)
     args = ckpt.args
     tok_path = tokenizer if tokenizer is not None else ckpt.tokenizer_path
@@ -63,6 +64,10 @@ class Llama:
     if len(floats) < len(ckpt.weights):   # quantized blocks from the file go into QuantLinear as they are
       load_prequantized(model, ckpt.weights)
       model.quantization = "mixed" if quantize is None else quantize
+    if adapter is not None:   # folded into the weights: decoding costs what the base model costs
+      from . import lora
+      lora.load_adapter(model, adapter)
+      lora.merge(model)
     if quantize is not None: quantize_model(model, quantize)
     return cls(model, tok)
 

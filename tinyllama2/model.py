@@ -14,6 +14,7 @@ _USER_DEV = os.environ.get("DEV")
 import numpy as np  # noqa: E402
 from tinygrad import Tensor, TinyJit, UOp, Variable, dtypes  # noqa: E402
 from tinygrad.dtype import DType  # noqa: E402
+from tinygrad.helpers import TRAINING  # noqa: E402
 
 from .config import ModelArgs  # noqa: E402
 from .fileio import release_mapped  # noqa: E402
@@ -39,7 +40,14 @@ class Linear:
     lin.weight = weight
     return lin
 
-  def __call__(self, x: Tensor) -> Tensor: return x @ self.weight.T
+  def __call__(self, x: Tensor) -> Tensor: return _grad_boundary(x @ self.weight.T)
+
+
+def _grad_boundary(y: Tensor) -> Tensor:
+  """When training, materialize y and the gradient arriving at y: otherwise tinygrad 0.14 fuses producers into
+  their consumers' reductions and recomputes them per element (a matmul inside each weight-gradient reduction,
+  the softmax's exp inside probs @ values), which makes a training step ~100x slower."""
+  return y.contiguous().contiguous_backward() if TRAINING else y
 
 
 class RMSNorm:
@@ -80,23 +88,28 @@ class Attention:
     self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, dtype, device)
     self.wo = Linear(args.n_heads * args.head_dim, args.dim, dtype, device)
 
-  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
+  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+    """With cache=None (training) the keys and values are this call's own, from position 0."""
     B, T, _ = x.shape
     H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-    q = apply_rope(self.wq(x).reshape(B, T, H, D), cos, sin)
-    k = apply_rope(self.wk(x).reshape(B, T, KV, D), cos, sin)
+    q = _grad_boundary(apply_rope(self.wq(x).reshape(B, T, H, D), cos, sin))
+    k = _grad_boundary(apply_rope(self.wk(x).reshape(B, T, KV, D), cos, sin))
     v = self.wv(x).reshape(B, T, KV, D)
-    cache.k[:, :, start_pos:start_pos + T].assign(k.transpose(1, 2).cast(cache.k.dtype))
-    cache.v[:, :, start_pos:start_pos + T].assign(v.transpose(1, 2).cast(cache.v.dtype))
-    keys = cache.k[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)     # [B, KV, 1, S, D]
-    values = cache.v[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)
+    if cache is None:
+      keys, values = k.transpose(1, 2).unsqueeze(2), v.transpose(1, 2).unsqueeze(2)
+    else:
+      cache.k[:, :, start_pos:start_pos + T].assign(k.transpose(1, 2).cast(cache.k.dtype))
+      cache.v[:, :, start_pos:start_pos + T].assign(v.transpose(1, 2).cast(cache.v.dtype))
+      keys = cache.k[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)     # [B, KV, 1, S, D]
+      values = cache.v[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)
     # query head h reads kv head h // (H // KV): group the query heads under their kv head
     q = q.transpose(1, 2).reshape(B, KV, H // KV, T, D)
     scores = (q @ keys.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # [B, KV, G, T, S]
     if T > 1:
       mask = Tensor.full((T, start_pos + T), float("-inf"), device=x.device).triu(start_pos + 1)
       scores = scores + mask
-    out = scores.softmax(-1).cast(x.dtype) @ values                        # [B, KV, G, T, D]
+    probs = _grad_boundary(_grad_boundary(scores).softmax(-1))
+    out = probs.cast(x.dtype) @ values                                   # [B, KV, G, T, D]
     return self.wo(out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -106,7 +119,16 @@ class FeedForward:
     self.w2 = Linear(args.hidden_dim, args.dim, dtype, device)   # down
     self.w3 = Linear(args.dim, args.hidden_dim, dtype, device)   # up
 
-  def __call__(self, x: Tensor) -> Tensor: return self.w2(self.w1(x).silu() * self.w3(x))
+  def __call__(self, x: Tensor) -> Tensor: return self.w2(_silu(self.w1(x)) * self.w3(x))
+
+
+def _silu(x: Tensor) -> Tensor:
+  """x·sigmoid(x). When training, the sigmoid and the derivative are stored once instead of being recomputed
+  (with their exp) inside each weight-gradient reduction: same values, same gradient."""
+  if not TRAINING: return x.silu()
+  sig = x.sigmoid().contiguous().detach()
+  dsilu = (sig * (1 + x.detach() * (1 - sig))).contiguous().detach()
+  return x.detach() * sig + (x - x.detach()) * dsilu
 
 
 class TransformerBlock:
@@ -116,7 +138,7 @@ class TransformerBlock:
     self.attention_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
     self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
 
-  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
+  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
     h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, cache)
     return h + self.feed_forward(self.ffn_norm(h))
 
@@ -173,12 +195,19 @@ class Transformer:
     Tensor.realize(*self.state_dict().values())
 
   # ---- forward ----------------------------------------------------------------------------------
-  def forward_hidden(self, x: Tensor, start_pos: int | UOp) -> Tensor:
+  def forward_hidden(self, x: Tensor, start_pos: int | UOp, use_cache: bool = True) -> Tensor:
     rt = self._runtime
     T = x.shape[1]
     cos, sin = rt.cos[start_pos:start_pos + T], rt.sin[start_pos:start_pos + T]
-    for layer, cache in zip(self.layers, rt.caches(x.shape[0])): x = layer(x, start_pos, cos, sin, cache)
+    caches = rt.caches(x.shape[0]) if use_cache else [None] * len(self.layers)
+    for layer, cache in zip(self.layers, caches): x = layer(x, start_pos, cos, sin, cache)
     return self.norm(x)
+
+  def __call__(self, tokens: Tensor) -> Tensor:
+    """Training forward: tokens [B, T] from position 0, no KV cache → float32 logits [B, T, vocab]."""
+    if tokens.shape[1] > self.max_seq_len:
+      raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than max_seq_len={self.max_seq_len}")
+    return self.logits_from_hidden(self.forward_hidden(self.embed(tokens), 0, use_cache=False))
 
   def logits_from_hidden(self, h: Tensor) -> Tensor:
     head = self.output if self.output is not None else Linear.wrap(self.tok_embeddings.weight)

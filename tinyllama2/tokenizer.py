@@ -47,8 +47,19 @@ class Tokenizer:
 
 
 class ChatTemplate(Protocol):
-  """Turns [{"role", "content"}, ...] ending with a user message into prompt ids. Add your own by implementing it."""
+  """Turns [{"role", "content"}, ...] ending with a user message into prompt ids. Add your own by implementing it
+  (`encode_for_training` is needed only for fine-tuning on chat data)."""
   def encode(self, messages: list[dict], tokenizer: Tokenizer) -> list[int]: ...
+  def encode_for_training(self, messages: list[dict], tokenizer: Tokenizer) -> tuple[list[int], list[int]]: ...
+
+
+def _encode_split(prompt: str, answer: str, tokenizer: Tokenizer, bos: bool, eos: bool) -> tuple[list[int], list[int]]:
+  """ids of prompt + answer encoded together, and a 0/1 mask that is 1 on the answer's tokens (and EOS)."""
+  ids = tokenizer.encode(prompt + answer, bos=bos, eos=eos)
+  head = tokenizer.encode(prompt, bos=bos, eos=False)
+  n = 0
+  while n < min(len(head), len(ids)) and head[n] == ids[n]: n += 1   # where the answer's tokens begin
+  return ids, [0] * n + [1] * (len(ids) - n)
 
 
 def _check_messages(messages: list[dict]) -> list[dict]:
@@ -69,6 +80,27 @@ class Llama2ChatTemplate:
   A system prompt goes into the first user message as "<<SYS>>\\n{system}\\n<</SYS>>\\n\\n".
   """
   def encode(self, messages: list[dict], tokenizer: Tokenizer) -> list[int]:
+    msgs = self._turns(messages)
+    if msgs[-1]["role"] != "user": raise ValueError("the last chat message must be from the user")
+    ids: list[int] = []
+    for user, answer in zip(msgs[0::2], msgs[1::2]):
+      ids += tokenizer.encode(f"[INST] {user['content'].strip()} [/INST] {answer['content'].strip()} ", bos=True, eos=True)
+    return ids + tokenizer.encode(f"[INST] {msgs[-1]['content'].strip()} [/INST]", bos=True, eos=False)
+
+  def encode_for_training(self, messages: list[dict], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """A finished dialogue (ending with the assistant) → (ids, mask); the mask is 1 on every answer and its EOS."""
+    msgs = self._turns(messages)
+    if msgs[-1]["role"] != "assistant": raise ValueError("a training dialogue must end with an assistant message")
+    ids: list[int] = []
+    mask: list[int] = []
+    for user, answer in zip(msgs[0::2], msgs[1::2]):
+      i, m = _encode_split(f"[INST] {user['content'].strip()} [/INST]", f" {answer['content'].strip()} ", tokenizer, True, True)
+      ids, mask = ids + i, mask + m
+    return ids, mask
+
+  @staticmethod
+  def _turns(messages: list[dict]) -> list[dict]:
+    """The messages with the system prompt folded into the first user turn, checked to alternate."""
     msgs = [dict(m) for m in _check_messages(messages)]
     if msgs[0]["role"] == "system":
       if len(msgs) < 2: raise ValueError("a system message must be followed by a user message")
@@ -78,11 +110,7 @@ class Llama2ChatTemplate:
       if m["role"] != want:
         raise ValueError(f"chat messages must alternate user/assistant (after an optional system message); "
                          f"message {i} is {m['role']!r}, expected {want!r}")
-    if msgs[-1]["role"] != "user": raise ValueError("the last chat message must be from the user")
-    ids: list[int] = []
-    for user, answer in zip(msgs[0::2], msgs[1::2]):
-      ids += tokenizer.encode(f"[INST] {user['content'].strip()} [/INST] {answer['content'].strip()} ", bos=True, eos=True)
-    return ids + tokenizer.encode(f"[INST] {msgs[-1]['content'].strip()} [/INST]", bos=True, eos=False)
+    return msgs
 
 
 @dataclass(frozen=True)
@@ -90,3 +118,9 @@ class PlainTemplate:
   """For base models: the conversation's text joined by newlines, continued by the model."""
   def encode(self, messages: list[dict], tokenizer: Tokenizer) -> list[int]:
     return tokenizer.encode("\n".join(m["content"] for m in _check_messages(messages)), bos=True)
+
+  def encode_for_training(self, messages: list[dict], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """All but the last message are the prompt; the last (the answer) and EOS are weighted."""
+    msgs = _check_messages(messages)
+    prompt = "\n".join(m["content"] for m in msgs[:-1])
+    return _encode_split(prompt + "\n" if prompt else "", msgs[-1]["content"], tokenizer, True, True)

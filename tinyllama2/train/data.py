@@ -1,0 +1,166 @@
+"""Training data: packed plain-text corpora, Alpaca / ShareGPT instruction sets, and a seeded, resumable batch order.
+
+Every dataset becomes `Blocks`: token rows of length seq_len + 1 (inputs are [:-1], targets [1:]) and a weight
+per target (1 = counts in the loss). Text blocks weigh every token; instruction data weighs the assistant turns.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..tokenizer import Llama2ChatTemplate, Tokenizer
+
+DOC_SEPARATOR = "<|endoftext|>"   # TinyStories' document separator; other files are one document
+
+
+@dataclass
+class Blocks:
+  tokens: np.ndarray    # [N, seq_len + 1] int32
+  weights: np.ndarray   # [N, seq_len] float32, the loss weight of each target
+
+  def __len__(self) -> int: return len(self.tokens)
+  @property
+  def seq_len(self) -> int: return self.tokens.shape[1] - 1
+
+  def split(self, val_fraction: float) -> tuple[Blocks, Blocks]:
+    """(train, held-out): the last val_fraction of the rows (at least one) are held out."""
+    if not 0 < val_fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if len(self) < 2: raise ValueError(f"only {len(self)} block(s) of data: too little to hold some out; "
+                                       "use more data or a shorter --seq-len")
+    n_val = max(1, int(round(len(self) * val_fraction)))
+    return Blocks(self.tokens[:-n_val], self.weights[:-n_val]), Blocks(self.tokens[-n_val:], self.weights[-n_val:])
+
+
+def cache_dir() -> Path:
+  return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tinyllama2" / "tokens"
+
+
+def _read_text(path: Path) -> str:
+  if not path.is_file(): raise FileNotFoundError(f"training data not found: {path}")
+  try: return path.read_text(encoding="utf-8")
+  except UnicodeDecodeError as e: raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def tokenize_corpus(path: str | Path, tokenizer: Tokenizer, cache: Path | None = None) -> np.ndarray:
+  """The file as one token stream, every document wrapped as BOS ... EOS; cached on disk by content hash."""
+  path = Path(path)
+  text = _read_text(path)
+  if not text.strip(): raise ValueError(f"{path}: the corpus is empty")
+  key = hashlib.sha256(b"v1" + tokenizer.sp.serialized_model_proto() + text.encode()).hexdigest()
+  cached = (cache or cache_dir()) / f"{key[:32]}.npy"
+  if cached.is_file():
+    try: return np.load(cached)
+    except (OSError, ValueError): pass   # a damaged cache file is rebuilt
+  docs = [d.strip() for d in text.split(DOC_SEPARATOR)] if DOC_SEPARATOR in text else [text]
+  stream: list[int] = []
+  for ids in tokenizer.sp.EncodeAsIds([d for d in docs if d]):
+    stream += [tokenizer.bos_id, *ids, tokenizer.eos_id]
+  arr = np.asarray(stream, dtype=np.int32)
+  from ..fileio import atomic_write
+  try:
+    with atomic_write(cached) as f: np.save(f, arr)
+  except OSError as e: warnings.warn(f"could not cache tokens in {cached}: {e}")
+  return arr
+
+
+def text_blocks(paths: Sequence[str | Path], tokenizer: Tokenizer, seq_len: int) -> Blocks:
+  """Pack the corpora into consecutive rows of seq_len + 1 tokens (rows overlap by one token)."""
+  stream = np.concatenate([tokenize_corpus(p, tokenizer) for p in paths])
+  n = (len(stream) - 1) // seq_len
+  if n < 1: raise ValueError(f"the corpus has {len(stream)} tokens, fewer than one block of {seq_len + 1}")
+  idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+  return Blocks(stream[idx], np.ones((n, seq_len), dtype=np.float32))
+
+
+# ---- instruction data ---------------------------------------------------------------------------
+def _load_records(path: Path) -> list:
+  text = _read_text(path)
+  try:
+    if path.suffix == ".jsonl": return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+  except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(data, list): raise ValueError(f"{path}: expected a JSON list of records")
+  return data
+
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def record_messages(rec: object, where: str) -> list[dict]:
+  """One Alpaca record ({instruction, input, output[, system, history]}) or ShareGPT record ({conversations})
+  as chat messages."""
+  if not isinstance(rec, dict): raise ValueError(f"{where}: expected an object, got {type(rec).__name__}")
+  if "conversations" in rec:
+    turns = rec["conversations"]
+    if not isinstance(turns, list) or not turns: raise ValueError(f"{where}: 'conversations' must be a non-empty list")
+    msgs = []
+    for j, t in enumerate(turns):
+      role = t.get("from", t.get("role")) if isinstance(t, dict) else None
+      content = t.get("value", t.get("content")) if isinstance(t, dict) else None
+      if role not in _ROLES or not isinstance(content, str):
+        raise ValueError(f"{where}: turn {j} needs 'from' (human/gpt/system) and a string 'value', got {t!r}"[:300])
+      msgs.append({"role": _ROLES[role], "content": content})
+    if rec.get("system"): msgs.insert(0, {"role": "system", "content": rec["system"]})
+    return msgs
+  if not isinstance(rec.get("instruction"), str) or not isinstance(rec.get("output"), str):
+    raise ValueError(f"{where}: an Alpaca record needs string 'instruction' and 'output' fields "
+                     f"(or a ShareGPT 'conversations' list); keys are {sorted(rec)}")
+  msgs = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
+  for pair in rec.get("history") or []:
+    if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+      raise ValueError(f"{where}: 'history' must be a list of [user, assistant] pairs")
+    msgs += [{"role": "user", "content": str(pair[0])}, {"role": "assistant", "content": str(pair[1])}]
+  user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+  return msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
+
+
+def sft_blocks(path: str | Path, tokenizer: Tokenizer, seq_len: int, template: Llama2ChatTemplate | None = None,
+               limit: int | None = None) -> Blocks:
+  """One row per record, rendered with the chat template, padded with EOS; only assistant tokens are weighted."""
+  path = Path(path)
+  template = template or Llama2ChatTemplate()
+  rows, weights, truncated = [], [], 0
+  for i, rec in enumerate(_load_records(path)[:limit]):
+    where = f"{path} record {i}"
+    try: ids, mask = template.encode_for_training(record_messages(rec, where), tokenizer)
+    except ValueError as e:
+      raise ValueError(str(e) if str(e).startswith(str(path)) else f"{where}: {e}") from None
+    if len(ids) > seq_len + 1: ids, mask, truncated = ids[:seq_len + 1], mask[:seq_len + 1], truncated + 1
+    w = np.zeros(seq_len, dtype=np.float32)
+    w[:len(ids) - 1] = mask[1:]
+    if not w.any(): continue   # the answer was cut off entirely
+    rows.append(ids + [tokenizer.eos_id] * (seq_len + 1 - len(ids)))
+    weights.append(w)
+  if truncated: warnings.warn(f"{path}: {truncated} record(s) longer than {seq_len + 1} tokens were truncated")
+  if not rows: raise ValueError(f"{path}: no usable records")
+  return Blocks(np.asarray(rows, dtype=np.int32), np.stack(weights))
+
+
+# ---- batch order --------------------------------------------------------------------------------
+class BatchOrder:
+  """Seeded shuffled order of rows, epoch by epoch; its state (epoch, index) makes a resumed run see the same
+  batches an uninterrupted one would."""
+
+  def __init__(self, n_rows: int, batch_size: int, seed: int):
+    if n_rows < batch_size:
+      raise ValueError(f"only {n_rows} training rows for a batch of {batch_size}: lower --batch-size or add data")
+    self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
+    self.epoch, self.index = 0, 0
+
+  def _perm(self) -> np.ndarray: return np.random.default_rng([self.seed, self.epoch]).permutation(self.n_rows)
+
+  def next(self) -> np.ndarray:
+    if self.index + self.batch_size > self.n_rows: self.epoch, self.index = self.epoch + 1, 0
+    rows = self._perm()[self.index:self.index + self.batch_size]
+    self.index += self.batch_size
+    return rows
+
+  def state(self) -> dict: return {"epoch": self.epoch, "index": self.index}
+  def load_state(self, s: dict) -> None: self.epoch, self.index = int(s["epoch"]), int(s["index"])

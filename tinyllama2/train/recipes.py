@@ -1,0 +1,163 @@
+"""End-to-end recipes behind `tinyllama2 pretrain|finetune` and the examples: data → model → Trainer → export.
+
+Output folders: `OUT/model` (pretraining or full fine-tuning: a Hugging Face directory with tokenizer.model) or
+`OUT/adapter` (LoRA: a PEFT adapter directory), rewritten at every checkpoint; `OUT/checkpoints` for --resume;
+`OUT/metrics.jsonl` and, with matplotlib, `OUT/loss.png`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import hf
+from ..config import PRESETS, ModelArgs
+from ..model import Transformer
+from ..tokenizer import Llama2ChatTemplate, PlainTemplate, Tokenizer
+from .data import sft_blocks, text_blocks
+from .trainer import TrainConfig, Trainer
+
+
+def export_hf(model: Transformer, out: Path, tokenizer: Tokenizer | None) -> None:
+  """Write the model's (non-LoRA) weights as a Hugging Face directory, replacing what was there only at the end."""
+  weights = {k: v.float().numpy() for k, v in model.state_dict().items() if "lora_" not in k}
+  tmp = out.with_name(out.name + ".tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  hf.save(tmp, model.args, weights, tokenizer_model=tokenizer.path if tokenizer else None)
+  if out.exists(): shutil.rmtree(out)
+  tmp.rename(out)
+
+
+def _check_out(out: Path, resume: bool) -> None:
+  if out.exists() and any(out.iterdir()) and not resume:
+    raise ValueError(f"{out} already exists and is not empty: pass --resume to continue that run, or choose another --out")
+
+
+# ---- pretraining --------------------------------------------------------------------------------
+@dataclass
+class PretrainOptions:
+  data: list[str]
+  out: str
+  preset: str | None = None                  # a PRESETS name; else the size fields below
+  dim: int = 128
+  n_layers: int = 6
+  n_heads: int = 4
+  n_kv_heads: int | None = 2
+  hidden_dim: int | None = None
+  vocab_size: int = 512                      # for a newly trained tokenizer
+  tokenizer: str | None = None               # an existing tokenizer.model instead of training one
+  seq_len: int = 256
+  val_fraction: float = 0.02
+  device: str | None = None
+  resume: bool = False
+  train: dict = field(default_factory=dict)  # TrainConfig fields
+
+
+def pretrain_model_args(o: PretrainOptions, vocab_size: int) -> ModelArgs:
+  if o.preset:
+    if o.preset not in PRESETS: raise ValueError(f"unknown --config {o.preset!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[o.preset].replace(vocab_size=vocab_size, max_position_embeddings=o.seq_len)
+  return ModelArgs(dim=o.dim, n_layers=o.n_layers, n_heads=o.n_heads, n_kv_heads=o.n_kv_heads, vocab_size=vocab_size,
+                   hidden_dim=o.hidden_dim, multiple_of=32, max_position_embeddings=o.seq_len, tie_embeddings=True)
+
+
+def pretrain(o: PretrainOptions, progress: bool = True) -> Trainer:
+  """Train a tokenizer on the corpus (unless one is given), then a Llama from scratch; export to OUT/model."""
+  from ..vocab import train_vocab
+  out = Path(o.out)
+  _check_out(out, o.resume)
+  tok_path = Path(o.tokenizer) if o.tokenizer else out / "tokenizer.model"
+  if not tok_path.is_file():
+    if o.tokenizer: raise FileNotFoundError(f"tokenizer not found: {tok_path}")
+    train_vocab(o.data, o.vocab_size, out / "tokenizer", verbose=False)
+  tok = Tokenizer(tok_path)
+  args = pretrain_model_args(o, tok.vocab_size)
+  train, val = text_blocks(o.data, tok, o.seq_len).split(o.val_fraction)
+  cfg = TrainConfig(out_dir=str(out), **o.train)
+  model = Transformer(args, max_seq_len=o.seq_len, device=o.device)
+  model.init_random(seed=cfg.seed)
+  trainer = Trainer(model, model.state_dict(), train, val, cfg, on_save=lambda _: export_hf(model, out / "model", tok))
+  if o.resume and trainer.resume() and progress: print(f"resumed at step {trainer.step}")
+  if progress: print(f"model: {args.n_params() / 1e6:.2f}M parameters; {len(train)} training blocks of {o.seq_len} "
+                     f"tokens, {len(val)} held out")
+  trainer.fit(progress=progress)
+  return trainer
+
+
+# ---- fine-tuning --------------------------------------------------------------------------------
+@dataclass
+class FinetuneOptions:
+  model: str
+  data: str
+  out: str
+  format: str = "auto"                        # alpaca | sharegpt | text | auto (by file content)
+  tokenizer: str | None = None
+  template: str = "llama2"                    # llama2 | plain
+  lora: bool = True
+  lora_r: int = 8
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.05
+  target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+  freeze: list[str] = field(default_factory=list)   # full fine-tuning: glob patterns of frozen weights
+  freeze_layers: int = 0                              # full fine-tuning: freeze the embeddings and first N blocks
+  seq_len: int = 256
+  val_fraction: float = 0.05
+  limit: int | None = None                    # use only the first N records
+  device: str | None = None
+  resume: bool = False
+  train: dict = field(default_factory=dict)
+
+
+def _detect_format(path: Path) -> str:
+  if path.suffix in (".txt", ".md"): return "text"
+  try: first = json.loads(path.read_text(encoding="utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError): return "text"
+  rec = first[0] if isinstance(first, list) and first else {}
+  return "sharegpt" if isinstance(rec, dict) and "conversations" in rec else "alpaca"
+
+
+def frozen_names(names: list[str], patterns: list[str], first_layers: int) -> set[str]:
+  """Weights that a partial fine-tune keeps fixed: glob patterns, and the embeddings + first N blocks."""
+  out = {n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)}
+  if first_layers:
+    out |= {n for n in names if n.startswith("tok_embeddings.") or
+            (n.startswith("layers.") and int(n.split(".")[1]) < first_layers)}
+  return out
+
+
+def finetune(o: FinetuneOptions, progress: bool = True) -> Trainer:
+  """LoRA (→ OUT/adapter) or full/partial (→ OUT/model) supervised fine-tuning of a pretrained model."""
+  from .. import lora
+  from ..llama import Llama
+  out = Path(o.out)
+  _check_out(out, o.resume)
+  llm = Llama.from_pretrained(o.model, tokenizer=o.tokenizer, device=o.device, dtype="float32", max_seq_len=o.seq_len)
+  tok, model = llm.tokenizer, llm.model
+  fmt = _detect_format(Path(o.data)) if o.format == "auto" else o.format
+  if fmt not in ("alpaca", "sharegpt", "text"): raise ValueError(f"unknown --format {fmt!r} (alpaca, sharegpt or text)")
+  if fmt == "text": blocks = text_blocks([o.data], tok, o.seq_len)
+  else: blocks = sft_blocks(o.data, tok, o.seq_len, Llama2ChatTemplate() if o.template == "llama2" else PlainTemplate(), o.limit)
+  train, val = blocks.split(o.val_fraction)
+  cfg = TrainConfig(out_dir=str(out), **o.train)
+  if o.lora:
+    lcfg = lora.LoraConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout, target_modules=o.target_modules)
+    params = lora.inject(model, lcfg, seed=cfg.seed)
+    def on_save(_): lora.save_adapter(model, out / "adapter", lcfg, base_model=str(o.model))
+  else:
+    all_params = model.state_dict()
+    frozen = frozen_names(list(all_params), o.freeze, o.freeze_layers)
+    for n in frozen: all_params[n].is_param_(False)
+    params = {n: t for n, t in all_params.items() if n not in frozen}
+    def on_save(_): export_hf(model, out / "model", tok)
+  trainer = Trainer(model, params, train, val, cfg, on_save=on_save)
+  if o.resume and trainer.resume() and progress: print(f"resumed at step {trainer.step}")
+  if progress:
+    n = sum(int(np.prod(t.shape)) for t in params.values())
+    print(f"training {n:,} parameters ({'LoRA' if o.lora else 'full'}); {len(train)} training rows, {len(val)} held out")
+  trainer.fit(progress=progress)
+  return trainer
+
