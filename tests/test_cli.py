@@ -42,3 +42,26 @@ def test_chat_example_interactive_session():
                      capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert r.returncode == 0, r.stderr
   assert r.stdout.count("> ") == 3 and " a little girl" in r.stdout   # two answers, then Ctrl-D at the third prompt
+
+
+def test_finetune_example_then_merge_then_generate_with_adapter(tmp_path):
+  need(STORIES, TOK512)
+  alpaca = STORIES.parents[1] / "instruct" / "alpaca_en_demo.json"
+  need(alpaca)
+  out = tmp_path / "run"
+  r = run("examples/finetune_lora.py", "--model", str(STORIES), "--tokenizer", str(TOK512), "--data", str(alpaca),
+          "--limit", "40", "--seq-len", "64", "--batch-size", "4", "--max-steps", "3", "--eval-every", "3",
+          "--template", "plain", "--out", str(out), "--max-new-tokens", "5")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert (out / "adapter" / "adapter_config.json").is_file() and (out / "metrics.jsonl").is_file()
+  r = run("examples/finetune_lora.py", "--model", str(STORIES), "--tokenizer", str(TOK512), "--data", str(alpaca),
+          "--out", str(out))
+  assert r.returncode == 1 and "--resume" in r.stderr   # an existing run is never overwritten
+  merged = tmp_path / "merged"
+  r = run("-m", "tinyllama2.cli", "merge", "--model", str(STORIES), "--tokenizer", str(TOK512), "--adapter",
+          str(out / "adapter"), "--out", str(merged))
+  assert r.returncode == 0, r.stderr
+  gen = [run("-m", "tinyllama2.cli", "generate", *m, "--prompt", "Lily was", "--max-new-tokens", "12", "--json")
+         for m in (["--model", str(merged)], ["--model", str(STORIES), "--tokenizer", str(TOK512), "--adapter", str(out / "adapter")])]
+  assert all(g.returncode == 0 for g in gen), [g.stderr for g in gen]
+  assert json.loads(gen[0].stdout)["tokens"] == json.loads(gen[1].stdout)["tokens"]
