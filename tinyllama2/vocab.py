@@ -52,3 +52,72 @@ def train_vocab(inputs: Sequence[str | Path], vocab_size: int, out_prefix: str |
       raise ValueError(f"sentencepiece could not train a {vocab_size}-piece vocabulary: {str(e).splitlines()[0]}") from None
     for ext in (".model", ".vocab"): os.replace(f"{tmp_prefix}{ext}", f"{out_prefix}{ext}")
   return Path(f"{out_prefix}.model")
+
+
+def merge_vocab(base: str | Path, add: str | Path, out: str | Path) -> tuple[int, int]:
+  """Append every normal piece of ADD that BASE lacks, in ADD's order; BASE's pieces, ids and scores stay as they
+  are. Returns (base size, merged size).
+
+  New pieces get scores below all of BASE's (keeping ADD's relative order), so in BPE merging BASE's merges keep
+  their priority and text BASE already tokenized well keeps its tokens."""
+  import sentencepiece as spm
+
+  from .fileio import atomic_write
+  from .spm_proto import NORMAL, Piece, encode_field, fields, parse_model, serialize_model
+  base, add, out = Path(base), Path(add), Path(out)
+  for p in (base, add):
+    if not p.is_file(): raise FileNotFoundError(f"tokenizer not found: {p}")
+  try:
+    base_pieces, base_rest = parse_model(base.read_bytes())
+    add_pieces, _ = parse_model(add.read_bytes())
+  except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"not a SentencePiece model: {e}") from None
+  if not base_pieces: raise ValueError(f"{base}: holds no pieces; is it a SentencePiece .model file?")
+  have = {p.piece for p in base_pieces}
+  lowest = min(p.score for p in base_pieces)
+  new = [p for p in add_pieces if p.type == NORMAL and p.piece not in have]
+  merged = base_pieces + [Piece(p.piece, lowest - 1 - k, NORMAL) for k, p in enumerate(new)]
+  rest = []
+  for num, wire, val in base_rest:   # TrainerSpec.vocab_size (field 4) follows the new size
+    if num == 2 and wire == 2:
+      val = b"".join(encode_field(n, w, len(merged) if n == 4 else v) for n, w, v in fields(val))
+    rest.append((num, wire, val))
+  data = serialize_model(merged, rest)
+  check = spm.SentencePieceProcessor()
+  check.LoadFromSerializedProto(data)   # sentencepiece itself must accept it before it is written
+  if check.vocab_size() != len(merged): raise ValueError("merged model failed to load with the expected size")
+  if out.resolve() in (base.resolve(), add.resolve()): raise ValueError(f"--out {out} would overwrite an input tokenizer")
+  with atomic_write(out) as f: f.write(data)
+  return len(base_pieces), len(merged)
+
+
+def resize_embeddings(weights: dict, new_vocab: int, tie_embeddings: bool) -> dict:
+  """Grow tok_embeddings (and output) to new_vocab rows; new rows are the mean of the old rows.
+
+  The mean keeps a new token's embedding inside the distribution the model has seen, and as an output row it
+  gives new tokens the average logit rather than a random one (as Chinese-LLaMA and HF's resize_token_embeddings
+  with mean init do); old rows are untouched, so old-vocabulary text gets exactly the old logits."""
+  import numpy as np
+  out = dict(weights)
+  for name in ("tok_embeddings.weight",) + (() if tie_embeddings else ("output.weight",)):
+    w = np.asarray(weights[name], dtype=np.float32)
+    if new_vocab < w.shape[0]: raise ValueError(f"the tokenizer has {new_vocab} pieces, fewer than the model's {w.shape[0]} rows")
+    extra = np.repeat(w.mean(0, keepdims=True), new_vocab - w.shape[0], axis=0)
+    out[name] = np.concatenate([w, extra], 0)
+  return out
+
+
+def resize_model(model: str | Path, tokenizer: str | Path, out: str | Path) -> int:
+  """Write MODEL (any format) with its vocabulary grown to TOKENIZER's size as a Hugging Face directory."""
+  import sentencepiece as spm
+
+  from .checkpoint import hf, load_checkpoint
+  out = Path(out)
+  if out.exists() and any(out.iterdir()): raise ValueError(f"{out} already exists and is not empty; choose another --out")
+  ckpt = load_checkpoint(model)
+  sp = spm.SentencePieceProcessor()
+  try: sp.Load(str(tokenizer))
+  except (OSError, RuntimeError) as e: raise ValueError(f"{tokenizer}: not a SentencePiece model ({e})") from None
+  n = sp.vocab_size()
+  weights = resize_embeddings(ckpt.float_weights(), n, ckpt.args.tie_embeddings)
+  hf.save(out, ckpt.args.replace(vocab_size=n), weights, tokenizer_model=tokenizer)
+  return n

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelArgs
+from ..spm_proto import Piece, bytes_field, int_field
 from .safetensors import bf16_to_f32
 
 MAGIC = b"GGUF"
@@ -260,20 +261,6 @@ def load(path: str | Path | GGUFFile) -> tuple[ModelArgs, dict[str, np.ndarray |
 
 # ---- the vocabulary as a SentencePiece model -------------------------------------------------------------
 
-def _varint(n: int) -> bytes:
-  n &= (1 << 64) - 1
-  out = bytearray()
-  while True:
-    out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-    n >>= 7
-    if not n: return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes) -> bytes: return _varint(number << 3 | wire) + payload
-def _int_field(number: int, value: int) -> bytes: return _field(number, 0, _varint(value))
-def _bytes_field(number: int, value: bytes) -> bytes: return _field(number, 2, _varint(len(value)) + value)
-
-
 def sentencepiece_proto(f: GGUFFile) -> bytes:
   """A serialized sentencepiece ModelProto (BPE, byte fallback, identity normalization, dummy prefix) holding
   the GGUF vocabulary, so sentencepiece itself tokenizes exactly as the Llama tokenizer.model would."""
@@ -286,15 +273,15 @@ def sentencepiece_proto(f: GGUFFile) -> bytes:
   for i, tok in enumerate(tokens):
     score = float(scores[i]) if scores is not None else 0.0
     ttype = int(types[i]) if types is not None else 1
-    pieces.append(_bytes_field(1, _bytes_field(1, tok.encode()) + _field(2, 5, struct.pack("<f", score)) + _int_field(3, ttype)))
-  trainer = (_int_field(3, 2) + _int_field(4, len(tokens)) + _int_field(35, 1) +
-             _int_field(40, int(m.get("tokenizer.ggml.unknown_token_id", 0))) +
-             _int_field(41, int(m.get("tokenizer.ggml.bos_token_id", 1))) +
-             _int_field(42, int(m.get("tokenizer.ggml.eos_token_id", 2))) +
-             _int_field(43, int(m.get("tokenizer.ggml.padding_token_id", -1))))
+    pieces.append(Piece(tok, score, ttype).encode())
+  trainer = (int_field(3, 2) + int_field(4, len(tokens)) + int_field(35, 1) +
+             int_field(40, int(m.get("tokenizer.ggml.unknown_token_id", 0))) +
+             int_field(41, int(m.get("tokenizer.ggml.bos_token_id", 1))) +
+             int_field(42, int(m.get("tokenizer.ggml.eos_token_id", 2))) +
+             int_field(43, int(m.get("tokenizer.ggml.padding_token_id", -1))))
   add_prefix = bool(m.get("tokenizer.ggml.add_space_prefix", True))
-  normalizer = _bytes_field(1, b"identity") + _int_field(3, int(add_prefix)) + _int_field(4, 0)
-  return b"".join(pieces) + _bytes_field(2, trainer) + _bytes_field(3, normalizer)
+  normalizer = bytes_field(1, b"identity") + int_field(3, int(add_prefix)) + int_field(4, 0)
+  return b"".join(pieces) + bytes_field(2, trainer) + bytes_field(3, normalizer)
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
