@@ -41,14 +41,29 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set with this mass")
   p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × the top probability")
   p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for tokens already seen (HF meaning)")
+  p.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling mass (1 = off)")
+  p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
+  p.add_argument("--min-new-tokens", type=int, default=0, help="suppress eos until this many new tokens")
+  p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style: logit -= count × this")
+  p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style: logit -= this if the token appeared")
+  p.add_argument("--penalty-last-n", type=int, default=64, help="window of the two penalties above (-1 = everything)")
+  p.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = off)")
+  p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob sum / length ** this")
+  p.add_argument("--early-stopping", choices=["true", "false", "never"], default="false", help="beam search stop rule (HF)")
+  p.add_argument("--num-return-sequences", type=int, default=1, help="sequences to return (generate --json)")
+  p.add_argument("--eos-token-id", type=int, action="append", help="end-of-sequence id (repeatable; default: the model's)")
   p.add_argument("--seed", type=int, help="random seed for sampling")
   p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def sampling_kwargs(a: argparse.Namespace) -> dict:
+  early = {"true": True, "false": False, "never": "never"}[a.early_stopping]
   return dict(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0, temperature=a.temperature or 1.0,
               top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed,
-              stop=a.stop or None)
+              stop=a.stop or None, typical_p=a.typical_p, no_repeat_ngram_size=a.no_repeat_ngram_size,
+              min_new_tokens=a.min_new_tokens, frequency_penalty=a.frequency_penalty, presence_penalty=a.presence_penalty,
+              penalty_last_n=a.penalty_last_n, num_beams=a.num_beams, length_penalty=a.length_penalty,
+              early_stopping=early, eos_token_id=a.eos_token_id)
 
 
 def load_model(a: argparse.Namespace):
@@ -105,11 +120,17 @@ def chat_loop(llm, system: str | None, template: str, prompt: str | None, gen_kw
 def cmd_generate(a: argparse.Namespace) -> None:
   llm = load_model(a)
   kw = sampling_kwargs(a)
-  if a.json:
-    g = llm.generate(a.prompt, **kw)
-    print(json.dumps({"text": g.text, "tokens": g.tokens, "prompt_tokens": g.prompt_tokens,
-                      "finish_reason": g.finish_reason, "prefill_tokens_per_s": g.prefill_tokens_per_s,
-                      "decode_tokens_per_s": g.decode_tokens_per_s, "time_to_first_token_s": g.time_to_first_token_s}))
+  if a.json or a.num_beams > 1 or a.num_return_sequences > 1:
+    gens = llm.generate(a.prompt, num_return_sequences=a.num_return_sequences, **kw)
+    gens = gens if isinstance(gens, list) else [gens]
+    if not a.json:
+      for g in gens: print(g.text)
+      return
+    rows = [{"text": g.text, "tokens": g.tokens, "prompt_tokens": g.prompt_tokens, "finish_reason": g.finish_reason,
+             "prefill_tokens_per_s": g.prefill_tokens_per_s, "decode_tokens_per_s": g.decode_tokens_per_s,
+             "time_to_first_token_s": g.time_to_first_token_s, **({"score": g.score} if g.score is not None else {})}
+            for g in gens]
+    print(json.dumps(rows[0] if len(rows) == 1 else rows))
     return
   for piece in llm.generate(a.prompt, stream=True, **kw): print(piece, end="", flush=True)
   print()

@@ -21,10 +21,23 @@ class GenerationConfig:
   eos_token_id: int | list[int] | None = None   # None: the model's own
   stop: list[str] = field(default_factory=list)
   seed: int | None = None
+  num_beams: int = 1
+  length_penalty: float = 1.0
+  early_stopping: bool | str = False            # True, False or "never", as in Hugging Face
+  num_return_sequences: int = 1
 
   def validate(self) -> None:
     self.sampling.validate()
     if self.max_new_tokens < 0: raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+    if self.num_beams < 1: raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+    if self.early_stopping not in (True, False, "never"):
+      raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+    limit = self.num_beams if self.num_beams > 1 or not self.sampling.do_sample else None
+    if self.num_return_sequences < 1 or (limit is not None and self.num_return_sequences > limit):
+      raise ValueError(f"num_return_sequences={self.num_return_sequences} must be between 1 and num_beams={self.num_beams}"
+                       " (greedy search returns one sequence; sampling may return any number)")
+    if self.num_beams > 1 and self.sampling.do_sample:
+      raise ValueError("beam search with do_sample=True (beam sampling) is not supported; use one or the other")
 
 
 @dataclass
@@ -36,6 +49,7 @@ class Generation:
   prefill_tokens_per_s: float = 0.0
   decode_tokens_per_s: float = 0.0
   time_to_first_token_s: float = 0.0
+  score: float | None = None         # beam search: sum of log-probs / generated_len ** length_penalty
 
 
 class Decoder:
@@ -84,9 +98,106 @@ class Decoder:
       return rt.decode_jit(rt.tok_var.bind(int(token)), rt.pos_var.bind(pos)).numpy()[0]
 
 
+  # ---- batched rows (beam search) -------------------------------------------------------------
+  def prefill_rows(self, ids: Sequence[int], rows: int) -> np.ndarray:
+    """The same prompt into `rows` cache rows; logits of its last token [vocab]."""
+    if not len(ids): raise ValueError("the prompt is empty: at least one token (e.g. BOS) is needed")
+    self._check_len(len(ids))
+    rt, logits = self.model._runtime, None
+    rt.caches(rows)
+    for start in range(0, len(ids), self.prefill_chunk):
+      chunk = Tensor([list(ids[start:start + self.prefill_chunk])] * rows, dtype="int32", device=self.model.device)
+      logits = self.model.prefill(chunk, rt.pos_var.bind(start))[0, -1].realize()
+    return logits.numpy()
+
+  def step_rows(self, tokens: Sequence[int], pos: int, parents: Sequence[int]) -> np.ndarray:
+    """Cache rows are first reordered to `parents`, then row b is fed tokens[b] at `pos`; logits [rows, vocab]."""
+    self._check_len(pos + 1)
+    rt, dev = self.model._runtime, self.model.device
+    if list(parents) != list(range(len(parents))): rt.reorder_jit(Tensor(list(parents), dtype="int32", device=dev))
+    with Context(BEAM=self.beam):
+      return rt.batch_jit(Tensor([[int(t)] for t in tokens], dtype="int32", device=dev), rt.pos_var.bind(pos)).numpy()
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+  x = x.astype(np.float64)
+  m = x.max(-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+@dataclass
+class _Hypotheses:
+  """The best finished beams, as Hugging Face's BeamHypotheses keeps them."""
+  num_beams: int
+  length_penalty: float
+  early_stopping: bool | str
+  items: list = field(default_factory=list)   # (score, tokens, finish_reason)
+
+  def add(self, tokens: list[int], sum_logprobs: float, generated_len: int, reason: str) -> None:
+    score = sum_logprobs / (generated_len ** self.length_penalty)
+    if len(self.items) < self.num_beams or score > self.worst:
+      self.items.append((score, tokens, reason))
+      if len(self.items) > self.num_beams: self.items.remove(min(self.items, key=lambda h: h[0]))
+
+  @property
+  def worst(self) -> float: return min(h[0] for h in self.items) if self.items else float("inf")
+
+  def is_done(self, best_sum_logprobs: float, generated_len: int, max_generated: int) -> bool:
+    if len(self.items) < self.num_beams: return False
+    if self.early_stopping is True: return True
+    length = max_generated if self.early_stopping == "never" and self.length_penalty > 0 else generated_len
+    return self.worst >= best_sum_logprobs / (length ** self.length_penalty)
+
+
+def beam_search(decoder: Decoder, prompt: list[int], cfg: GenerationConfig, eos_ids: set[int]) -> list[tuple[float, list[int], str]]:
+  """Hugging Face beam search: (score, new tokens, finish reason) best first, num_return_sequences of them.
+
+  Processors see log-probabilities (as in HF); a finished beam scores sum_logprobs / generated_len ** length_penalty
+  with generated_len counting its eos. The beams run as one batch; surviving beams' cache rows are reordered on device."""
+  nb, plen, V = cfg.num_beams, len(prompt), decoder.model.args.vocab_size
+  if cfg.max_new_tokens == 0: return [(0.0, [], "length")]
+  hyps = _Hypotheses(nb, cfg.length_penalty, cfg.early_stopping)
+  seqs = [list(prompt) for _ in range(nb)]
+  scores = np.array([0.0] + [-1e9] * (nb - 1))     # only the first beam expands at the first step
+  logits = np.tile(decoder.prefill_rows(prompt, nb), (nb, 1))
+  done = False
+  eos = sorted(eos_ids)
+  for step in range(cfg.max_new_tokens):
+    gen_len = step + 1                              # tokens generated once this step's token is chosen
+    cand = np.stack([process(lp, cfg.sampling, seq, step, eos) for lp, seq in zip(_log_softmax(logits), seqs)])
+    flat = (cand + scores[:, None]).reshape(-1)
+    top = np.argsort(-flat, kind="stable")[:max(2, 1 + len(eos)) * nb]
+    nxt = []
+    for rank, idx in enumerate(top):
+      beam, tok = divmod(int(idx), V)
+      if tok in eos_ids:
+        if rank < nb: hyps.add(seqs[beam][plen:], float(flat[idx]), gen_len, "stop")
+      else: nxt.append((beam, tok, float(flat[idx])))
+      if len(nxt) == nb: break
+    done = hyps.is_done(float(flat[top[0]]), gen_len, cfg.max_new_tokens)
+    parents = [b for b, _, _ in nxt]
+    seqs = [seqs[b] + [t] for b, t, _ in nxt]
+    scores = np.array([s for _, _, s in nxt])
+    if done or step == cfg.max_new_tokens - 1 or plen + gen_len >= decoder.model.max_seq_len: break
+    logits = decoder.step_rows([t for _, t, _ in nxt], plen + step, parents)
+  if not done:
+    for seq, s in zip(seqs, scores): hyps.add(seq[plen:], float(s), len(seq) - plen, "length")
+  return sorted(hyps.items, key=lambda h: -h[0])[:cfg.num_return_sequences]
+
+
 def _eos_ids(eos: int | Sequence[int] | None) -> set[int]:
   if eos is None: return set()
   return {int(eos)} if isinstance(eos, (int, np.integer)) else {int(e) for e in eos}
+
+
+def decode_continuation(tokenizer: Tokenizer | None, prompt: list[int], new: list[int]) -> str:
+  """The text of `new` as it continues the prompt: decoded with the last prompt token as context, so
+  SentencePiece keeps the leading space it would drop at the start of a text."""
+  if tokenizer is None: return ""
+  ctx = prompt[-1:]
+  head = tokenizer.decode(ctx)
+  full = tokenizer.decode(ctx + new)
+  return full[len(head):] if full.startswith(head) else tokenizer.decode(new)
 
 
 class TextStream:
@@ -103,12 +214,7 @@ class TextStream:
     self.new: list[int] = []
     self.text, self.generation = "", None
 
-  def _decode(self) -> str:
-    if self.tokenizer is None: return ""
-    ctx = self.prompt[-1:]
-    head = self.tokenizer.decode(ctx)
-    full = self.tokenizer.decode(ctx + self.new)
-    return full[len(head):] if full.startswith(head) else self.tokenizer.decode(self.new)
+  def _decode(self) -> str: return decode_continuation(self.tokenizer, self.prompt, self.new)
 
   def _held_back(self, text: str) -> int:
     """Characters at the end of text that might be the start of a stop string or of a multi-byte character."""
@@ -145,10 +251,11 @@ class TextStream:
 
 
 def generate_tokens(decoder: Decoder, prompt: list[int], cfg: GenerationConfig, eos_ids: set[int],
-                    finish: dict) -> Iterator[int]:
-  """Yields new token ids; records the finish reason and timings in `finish`."""
+                    finish: dict, rng: np.random.Generator | None = None) -> Iterator[int]:
+  """Yields new token ids; records the finish reason and timings in `finish`. Sampling draws from `rng`
+  (default: a PCG64 generator seeded with cfg.seed, so a seed gives the same tokens in every process)."""
   cfg.validate()
-  rng = np.random.Generator(np.random.PCG64(cfg.seed))
+  rng = rng or np.random.Generator(np.random.PCG64(cfg.seed))
   t0 = time.perf_counter()
   t_first, ttft, n_new = t0, 0.0, 0
   finish["reason"] = "length"
@@ -158,7 +265,7 @@ def generate_tokens(decoder: Decoder, prompt: list[int], cfg: GenerationConfig, 
     logits = decoder.prefill(prompt)
     t_first = time.perf_counter()
     while True:
-      token = choose(process(logits, cfg.sampling, seen), cfg.sampling, rng)
+      token = choose(process(logits, cfg.sampling, seen, n_new, sorted(eos_ids)), cfg.sampling, rng)
       if n_new == 0: ttft = time.perf_counter() - t0
       n_new += 1
       seen.append(token)

@@ -10,7 +10,8 @@ from tinygrad.dtype import DType
 
 from .checkpoint import load_checkpoint
 from .config import ModelArgs, warn_if_beyond_trained
-from .generate import Decoder, Generation, GenerationConfig, TextStream, _eos_ids, generate_tokens
+from .generate import (Decoder, Generation, GenerationConfig, TextStream, _eos_ids, beam_search, decode_continuation,
+                       generate_tokens)
 from .model import Transformer
 from .rope import RopeScaling
 from .sampling import SamplingParams
@@ -97,29 +98,64 @@ class Llama:
 
   def generate(self, prompt: str | Sequence[int] | list, max_new_tokens: int = 256, do_sample: bool = False,
                temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, min_p: float = 0.0,
-               repetition_penalty: float = 1.0, eos_token_id: int | list[int] | None = None,
+               repetition_penalty: float = 1.0, num_beams: int = 1, length_penalty: float = 1.0,
+               early_stopping: bool | str = False, num_return_sequences: int = 1, no_repeat_ngram_size: int = 0,
+               min_new_tokens: int = 0, typical_p: float = 1.0, frequency_penalty: float = 0.0,
+               presence_penalty: float = 0.0, penalty_last_n: int = 64, eos_token_id: int | list[int] | None = None,
                stop: str | list[str] | None = None, seed: int | None = None,
                stream: bool = False) -> Generation | TextStream | list[Generation]:
     """Hugging Face-style generation. stream=True returns a TextStream: iterate it for text pieces.
 
-    `Generation.tokens` holds the new ids without the eos id that ended generation (as OpenAI/llama.cpp report)."""
+    A list of prompts returns one Generation per prompt; num_return_sequences > 1 returns that many (best first
+    for beam search). `Generation.tokens` holds the new ids without the eos that ended generation (as
+    OpenAI/llama.cpp report)."""
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+              min_p=min_p, repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
+              early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+              no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens, typical_p=typical_p,
+              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, penalty_last_n=penalty_last_n,
+              eos_token_id=eos_token_id, stop=stop, seed=seed)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list, tuple)):
       if stream: raise ValueError("stream=True takes a single prompt")
-      return [self.generate(p, max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
-                            eos_token_id, stop, seed) for p in prompt]
+      return [self.generate(p, **kw) for p in prompt]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, eos_token_id=eos_token_id,
                            stop=[stop] if isinstance(stop, str) else list(stop or []),
-                           sampling=SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty))
+                           sampling=SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+                                                   typical_p, no_repeat_ngram_size, min_new_tokens, frequency_penalty,
+                                                   presence_penalty, penalty_last_n),
+                           num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                           num_return_sequences=num_return_sequences)
     cfg.validate()
     if cfg.stop and self._tokenizer is None: raise ValueError("stop strings need a tokenizer")
+    if stream and (num_beams > 1 or num_return_sequences > 1):
+      raise ValueError("stream=True returns one sequence: use num_beams=1 and num_return_sequences=1")
     ids = self._prompt_ids(prompt)
     self.decoder._check_len(len(ids))
     eos = self.eos_ids if eos_token_id is None else _eos_ids(eos_token_id)
-    finish: dict = {}
-    text_stream = TextStream(generate_tokens(self.decoder, ids, cfg, eos, finish), ids, self._tokenizer, cfg.stop, finish)
-    if stream: return text_stream
-    for _ in text_stream: pass
-    return text_stream.generation
+    if num_beams > 1:
+      return self._beam_generations(ids, cfg, eos)
+    rng = np.random.Generator(np.random.PCG64(seed))   # one stream for all returned sequences
+    results = []
+    for _ in range(num_return_sequences):
+      finish: dict = {}
+      text_stream = TextStream(generate_tokens(self.decoder, ids, cfg, eos, finish, rng), ids, self._tokenizer, cfg.stop, finish)
+      if stream: return text_stream
+      for _ in text_stream: pass
+      results.append(text_stream.generation)
+    return results[0] if num_return_sequences == 1 else results
+
+  def _beam_generations(self, ids: list[int], cfg: GenerationConfig, eos: set[int]) -> Generation | list[Generation]:
+    import time
+    t0 = time.perf_counter()
+    out = []
+    for score, tokens, reason in beam_search(self.decoder, ids, cfg, eos):
+      text = decode_continuation(self._tokenizer, ids, tokens)
+      cut = min((i for i in (text.find(s) for s in cfg.stop) if i >= 0), default=-1)
+      if cut >= 0: text, reason = text[:cut], "stop"
+      out.append(Generation(text=text, tokens=tokens, prompt_tokens=list(ids), finish_reason=reason, score=score))
+    dt = time.perf_counter() - t0
+    for g in out: g.decode_tokens_per_s = cfg.num_beams * max(len(g.tokens) for g in out) / dt
+    return out[0] if cfg.num_return_sequences == 1 else out
 
   def chat(self, messages: list[dict], **generate_kwargs) -> Generation | TextStream:
     ids = self.chat_template.encode(messages, self.tokenizer)

@@ -235,9 +235,22 @@ class Transformer:
     return self.logits_from_hidden(self.forward_hidden(x, start_pos)).reshape(1, -1)
 
 
+  def decode_batch(self, tokens: Tensor, start_pos: UOp) -> Tensor:
+    """One token per row (int tokens [B, 1], all rows at the same position) → logits [B, vocab]; for beam search."""
+    return self.logits_from_hidden(self.forward_hidden(self.embed(tokens), start_pos))[:, 0, :]
+
+  def reorder_cache(self, rows: Tensor) -> None:
+    """Row b of every KV cache becomes old row rows[b] (beam search keeps the surviving beams' histories)."""
+    for c in self._runtime.caches(rows.shape[0]):
+      c.k.assign(c.k[rows].contiguous())
+      c.v.assign(c.v[rows].contiguous())
+    Tensor.realize(*[t for c in self._runtime.caches(rows.shape[0]) for t in (c.k, c.v)])
+
+
 class _Runtime:
   """Per-model state that is not a parameter: RoPE tables, KV caches and the compiled decode step."""
-  __slots__ = ("model", "cos", "sin", "_caches", "decode_jit", "prefill_jits", "pos_var", "tok_var", "last_var")
+  __slots__ = ("model", "cos", "sin", "_caches", "decode_jit", "prefill_jits", "pos_var", "tok_var", "last_var",
+               "batch_jit", "reorder_jit")
 
   def __init__(self, model: Transformer):
     a = model.args
@@ -246,6 +259,8 @@ class _Runtime:
     self.cos, self.sin = Tensor(cos, device=model.device).realize(), Tensor(sin, device=model.device).realize()
     self._caches: list[KVCache] | None = None
     self.decode_jit = TinyJit(lambda tok, pos: model.decode_step(tok, pos).realize())
+    self.batch_jit = TinyJit(lambda toks, pos: model.decode_batch(toks, pos).realize())
+    self.reorder_jit = TinyJit(model.reorder_cache)
     self.prefill_jits: dict[int, TinyJit] = {}
     self.pos_var = Variable("start_pos", 0, model.max_seq_len - 1)
     self.tok_var = Variable("token", 0, a.vocab_size - 1)
@@ -258,6 +273,8 @@ class _Runtime:
 
   def reset_jits(self) -> None:
     self.decode_jit.reset()
+    self.batch_jit.reset()
+    self.reorder_jit.reset()
     self.prefill_jits.clear()
 
   def caches(self, batch: int) -> list[KVCache]:

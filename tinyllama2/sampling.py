@@ -1,6 +1,9 @@
 """Logits processors and sampling with Hugging Face `generate()` semantics (numpy, one row of logits).
 
-Order as in transformers: repetition penalty; then, only when sampling, temperature, top-k, top-p, min-p.
+Order as in transformers: repetition penalty, no-repeat n-grams, min_new_tokens; then llama.cpp/OpenAI-style
+frequency and presence penalties; then, only when sampling, temperature, top-k, top-p, min-p, typical-p.
+They run on the host over one [vocab] row that decoding copies back anyway (to choose the token); at 32000
+floats that costs well under a millisecond a step (see the note in bench/).
 """
 from __future__ import annotations
 
@@ -18,6 +21,12 @@ class SamplingParams:
   top_p: float = 1.0
   min_p: float = 0.0
   repetition_penalty: float = 1.0
+  typical_p: float = 1.0
+  no_repeat_ngram_size: int = 0
+  min_new_tokens: int = 0
+  frequency_penalty: float = 0.0
+  presence_penalty: float = 0.0
+  penalty_last_n: int = 64       # window of frequency/presence penalties in tokens (-1: the whole sequence)
 
   def validate(self) -> None:
     if self.do_sample and self.temperature <= 0:
@@ -27,6 +36,10 @@ class SamplingParams:
     if not 0 <= self.min_p <= 1: raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
     if self.top_k < 0: raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
     if self.repetition_penalty <= 0: raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+    if not 0 < self.typical_p <= 1: raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
+    if self.no_repeat_ngram_size < 0: raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+    if self.min_new_tokens < 0: raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+    if self.penalty_last_n < -1: raise ValueError(f"penalty_last_n must be >= -1, got {self.penalty_last_n}")
 
 
 def repetition_penalty(logits: np.ndarray, seen: Sequence[int], penalty: float) -> np.ndarray:
@@ -72,13 +85,69 @@ def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
   return np.where(remove, -np.inf, logits)
 
 
-def process(logits: np.ndarray, params: SamplingParams, seen: Sequence[int]) -> np.ndarray:
+def no_repeat_ngram(logits: np.ndarray, seen: Sequence[int], n: int) -> np.ndarray:
+  """Ban every token that would complete an n-gram already present in the sequence (prompt included)."""
+  if n <= 0 or len(seen) + 1 < n: return logits
+  seq = [int(t) for t in seen]
+  prefix = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
+  banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix]
+  if not banned: return logits
+  out = logits.copy()
+  out[banned] = -np.inf
+  return out
+
+
+def suppress_eos(logits: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
+  """min_new_tokens: eos cannot be chosen yet."""
+  ids = [i for i in eos_ids if 0 <= i < logits.shape[-1]]
+  if not ids: return logits
+  out = logits.copy()
+  out[ids] = -np.inf
+  return out
+
+
+def frequency_presence_penalty(logits: np.ndarray, window: Sequence[int], frequency: float, presence: float) -> np.ndarray:
+  """OpenAI / llama.cpp: logit -= count·frequency + (count > 0)·presence, counting the tokens in `window`."""
+  if (frequency == 0 and presence == 0) or not len(window): return logits
+  ids, counts = np.unique(np.asarray(window, dtype=np.int64), return_counts=True)
+  out = logits.copy()
+  out[ids] -= (counts * frequency + presence).astype(out.dtype)
+  return out
+
+
+def typical_filter(logits: np.ndarray, mass: float) -> np.ndarray:
+  """Locally typical sampling: keep the tokens whose surprisal is closest to the entropy until `mass` is covered."""
+  if mass >= 1.0: return logits
+  logp = logits.astype(np.float64) - np.max(logits)
+  logp = logp - np.log(np.exp(logp).sum())
+  p = np.exp(logp)
+  entropy = -np.sum(np.where(p > 0, logp * p, 0.0))
+  shifted = np.abs(-logp - entropy)
+  order = np.argsort(shifted, kind="stable")
+  cum = np.cumsum(p[order])
+  last = min(int((cum < mass).sum()), len(order) - 1)
+  remove = shifted[order] > shifted[order][last]
+  remove[0] = False   # at least one token
+  out = logits.copy()
+  out[order[remove]] = -np.inf
+  return out
+
+
+def process(logits: np.ndarray, params: SamplingParams, seen: Sequence[int], n_new: int = 0,
+            eos_ids: Sequence[int] = ()) -> np.ndarray:
+  """All processors for one step. seen: the sequence so far (prompt + new tokens); n_new: new tokens so far."""
   logits = repetition_penalty(np.asarray(logits, dtype=np.float32), seen, params.repetition_penalty)
+  logits = no_repeat_ngram(logits, seen, params.no_repeat_ngram_size)
+  if n_new < params.min_new_tokens: logits = suppress_eos(logits, list(eos_ids))
+  n = params.penalty_last_n
+  window = list(seen) if n == -1 else list(seen)[-n:] if n > 0 else []
+  logits = frequency_presence_penalty(logits, window, params.frequency_penalty, params.presence_penalty)
   if not params.do_sample: return logits
   logits = logits / np.float32(params.temperature)
   logits = top_k_filter(logits, params.top_k)
   logits = top_p_filter(logits, params.top_p)
-  return min_p_filter(logits, params.min_p)
+  logits = min_p_filter(logits, params.min_p)
+  return typical_filter(logits, params.typical_p)
 
 
 def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
