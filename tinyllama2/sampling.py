@@ -121,7 +121,8 @@ def typical_filter(logits: np.ndarray, mass: float) -> np.ndarray:
   logp = logits.astype(np.float64) - np.max(logits)
   logp = logp - np.log(np.exp(logp).sum())
   p = np.exp(logp)
-  entropy = -np.sum(np.where(p > 0, logp * p, 0.0))
+  live = p > 0
+  entropy = -np.sum(logp[live] * p[live])
   shifted = np.abs(-logp - entropy)
   order = np.argsort(shifted, kind="stable")
   cum = np.cumsum(p[order])
@@ -145,15 +146,22 @@ def process(logits: np.ndarray, params: SamplingParams, seen: Sequence[int], n_n
   if not params.do_sample: return logits
   logits = logits / np.float32(params.temperature)
   logits = top_k_filter(logits, params.top_k)
-  logits = top_p_filter(logits, params.top_p)
-  logits = min_p_filter(logits, params.min_p)
-  return typical_filter(logits, params.typical_p)
+  # the remaining warpers only look at tokens that still have probability: after top-k that is a handful, so
+  # they run on that subset (same result: removed tokens have probability 0 and stay removed)
+  live = np.flatnonzero(np.isfinite(logits))
+  sub = logits[live] if len(live) < len(logits) // 2 else logits
+  sub = typical_filter(min_p_filter(top_p_filter(sub, params.top_p), params.min_p), params.typical_p)
+  if sub is logits or len(sub) == len(logits): return sub
+  out = np.full_like(logits, -np.inf)
+  out[live] = sub
+  return out
 
 
 def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
   """Argmax when greedy, else one draw from softmax(logits) by inverse CDF with a uniform from `rng`."""
   if not params.do_sample: return int(np.argmax(logits))
-  probs = _softmax(logits.astype(np.float64))
+  live = np.flatnonzero(np.isfinite(logits))   # tokens with probability > 0, in id order
+  probs = _softmax(logits[live].astype(np.float64))
   cdf = np.cumsum(probs)
   # side="right" lands on the first token whose cumulative mass exceeds u, never on a zero-probability token
-  return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(probs) - 1)
+  return int(live[min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(probs) - 1)])
