@@ -1,17 +1,20 @@
 """Chat with a Llama model in the terminal (streamed), or answer one --prompt and exit.
 
+  python examples/chat.py                                        # the bundled story model
   python examples/chat.py --model path/to/llama-2-7b-chat-hf
   python examples/chat.py --model stories260K.bin --tokenizer tok512.model --prompt "Once upon a time"
 """
 import argparse
 import sys
 
+from tinyllama2 import DEFAULT_MODEL
 from tinyllama2.cli import chat_loop, load_model, run_cli
 
 
 def main() -> int:
   p = argparse.ArgumentParser(description="chat with a Llama model")
-  p.add_argument("--model", required=True, help="HF model directory or llama2.c .bin")
+  p.add_argument("--model", default=str(DEFAULT_MODEL),
+                 help="HF / Meta directory, .gguf or llama2.c .bin (default: the bundled 1.2M-parameter story model)")
   p.add_argument("--tokenizer", help="tokenizer.model, when it is not beside the weights")
   p.add_argument("--device", help="tinygrad device (default: $DEV, else CPU)")
   p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: as stored)")
@@ -22,6 +25,7 @@ def main() -> int:
   p.add_argument("--template", choices=["auto", "llama2", "plain"], default="auto", help="chat format")
   p.add_argument("--seed", type=int, help="sampling seed")
   p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization")
+  p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory to apply")
   a = p.parse_args()
   a.max_seq_len, a.rope_scaling = None, None
   gen = dict(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0, temperature=a.temperature or 1.0,

@@ -137,10 +137,14 @@ def test_beam_search_on_stories_is_deterministic_and_beats_greedy(stories):
   with pytest.raises(ValueError, match="num_return_sequences"): stories.generate("Lily", num_beams=2, num_return_sequences=3)
 
 
-def test_batched_prompts_equal_one_by_one(stories):
-  prompts = ["Lily was", "Once upon a time, there was a big", "The sun"]
-  together = stories.generate(prompts, max_new_tokens=16)
-  assert [g.tokens for g in together] == [stories.generate(p, max_new_tokens=16).tokens for p in prompts]
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=40), dict(max_new_tokens=30, do_sample=True, top_p=0.9, seed=5),
+                                dict(max_new_tokens=40, stop=["play"], repetition_penalty=1.2)], ids=["greedy", "sampled", "stop"])
+def test_batched_prompts_equal_one_by_one(stories, kw):
+  """Prompts of different lengths decoded as one left-padded batch; each row stops on its own."""
+  prompts = ["Lily was", "Once upon a time, there was a big", "The sun", "Tom"]
+  together = stories.generate(prompts, **kw)
+  alone = [stories.generate(p, **kw) for p in prompts]
+  assert [(g.tokens, g.text, g.finish_reason) for g in together] == [(g.tokens, g.text, g.finish_reason) for g in alone]
 
 
 def test_sampled_return_sequences_differ_and_reproduce(stories):

@@ -98,25 +98,38 @@ class Decoder:
       return rt.decode_jit(rt.tok_var.bind(int(token)), rt.pos_var.bind(pos)).numpy()[0]
 
 
-  # ---- batched rows (beam search) -------------------------------------------------------------
-  def prefill_rows(self, ids: Sequence[int], rows: int) -> np.ndarray:
-    """The same prompt into `rows` cache rows; logits of its last token [vocab]."""
-    if not len(ids): raise ValueError("the prompt is empty: at least one token (e.g. BOS) is needed")
-    self._check_len(len(ids))
-    rt, logits = self.model._runtime, None
-    rt.caches(rows)
-    for start in range(0, len(ids), self.prefill_chunk):
-      chunk = Tensor([list(ids[start:start + self.prefill_chunk])] * rows, dtype="int32", device=self.model.device)
-      logits = self.model.prefill(chunk, rt.pos_var.bind(start))[0, -1].realize()
-    return logits.numpy()
+  # ---- batched rows (beam search, batches of prompts) -------------------------------------------------
+  PAD_BIAS = -1e9   # finite, so a padding query (which sees only padding) still gets a finite softmax
 
-  def step_rows(self, tokens: Sequence[int], pos: int, parents: Sequence[int]) -> np.ndarray:
-    """Cache rows are first reordered to `parents`, then row b is fed tokens[b] at `pos`; logits [rows, vocab]."""
+  def prefill_rows(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+    """Prompts left-padded to one length into one cache row each; the logits of each row's last token [B, vocab].
+    RoPE is relative, so a row shifted right by its padding attends exactly as it would alone."""
+    if any(not len(r) for r in rows): raise ValueError("a prompt is empty: at least one token (e.g. BOS) is needed")
+    length = max(len(r) for r in rows)
+    self._check_len(length)
+    rt, dev, logits = self.model._runtime, self.model.device, None
+    rt.caches(len(rows))
+    bias = np.zeros((len(rows), self.model.max_seq_len), dtype=np.float32)
+    for b, r in enumerate(rows): bias[b, :length - len(r)] = self.PAD_BIAS
+    self._bias = Tensor(bias, device=dev).realize()
+    padded = [[0] * (length - len(r)) + list(r) for r in rows]
+    for start in range(0, length, self.prefill_chunk):
+      chunk = Tensor([p[start:start + self.prefill_chunk] for p in padded], dtype="int32", device=dev)
+      h = self.model.forward_hidden(self.model.embed(chunk), rt.pos_var.bind(start), key_bias=self._bias)
+      logits = self.model.logits_from_hidden(h[:, -1:, :]).realize()
+    return logits.numpy()[:, 0, :]
+
+  def step_rows(self, tokens: Sequence[int], pos: int, parents: Sequence[int] | None = None) -> np.ndarray:
+    """Cache rows are first reordered to `parents` (beam search), then row b is fed tokens[b] at cache column
+    `pos`; logits [rows, vocab]."""
     self._check_len(pos + 1)
     rt, dev = self.model._runtime, self.model.device
-    if list(parents) != list(range(len(parents))): rt.reorder_jit(Tensor(list(parents), dtype="int32", device=dev))
+    if parents is not None and list(parents) != list(range(len(parents))):
+      rt.reorder_jit(Tensor(list(parents), dtype="int32", device=dev))
+      self._bias = self._bias[Tensor(list(parents), dtype="int32", device=dev)].contiguous().realize()
     with Context(BEAM=self.beam):
-      return rt.batch_jit(Tensor([[int(t)] for t in tokens], dtype="int32", device=dev), rt.pos_var.bind(pos)).numpy()
+      toks = Tensor([[int(t)] for t in tokens], dtype="int32", device=dev)
+      return rt.batch_jit(toks, rt.pos_var.bind(pos), self._bias).numpy()
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -159,7 +172,7 @@ def beam_search(decoder: Decoder, prompt: list[int], cfg: GenerationConfig, eos_
   hyps = _Hypotheses(nb, cfg.length_penalty, cfg.early_stopping)
   seqs = [list(prompt) for _ in range(nb)]
   scores = np.array([0.0] + [-1e9] * (nb - 1))     # only the first beam expands at the first step
-  logits = np.tile(decoder.prefill_rows(prompt, nb), (nb, 1))
+  logits = decoder.prefill_rows([prompt] * nb)
   done = False
   eos = sorted(eos_ids)
   for step in range(cfg.max_new_tokens):
@@ -183,6 +196,51 @@ def beam_search(decoder: Decoder, prompt: list[int], cfg: GenerationConfig, eos_
   if not done:
     for seq, s in zip(seqs, scores): hyps.add(seq[plen:], float(s), len(seq) - plen, "length")
   return sorted(hyps.items, key=lambda h: -h[0])[:cfg.num_return_sequences]
+
+
+def generate_batch(decoder: Decoder, prompts: list[list[int]], cfg: GenerationConfig, eos_ids: set[int],
+                   tokenizer: Tokenizer | None) -> list[Generation]:
+  """Several prompts at once, left-padded into one batch; each row stops on its own (eos, stop string, length)
+  and gets the tokens it would get alone (sampling: each row draws from its own stream seeded with cfg.seed)."""
+  cfg.validate()
+  B, length = len(prompts), max(len(p) for p in prompts)
+  rngs = [np.random.Generator(np.random.PCG64(cfg.seed)) for _ in prompts]
+  new: list[list[int]] = [[] for _ in prompts]
+  reasons: list[str | None] = [None] * B
+  texts = [""] * B
+  t0 = time.perf_counter()
+  logits = decoder.prefill_rows(prompts)
+  t_first = time.perf_counter()
+  limit = min(cfg.max_new_tokens, decoder.model.max_seq_len - length)
+  for step in range(limit):
+    feed = []
+    for b in range(B):
+      if reasons[b] is not None:
+        feed.append(0)
+        continue
+      seen = prompts[b] + new[b]
+      tok = choose(process(logits[b], cfg.sampling, seen, len(new[b]), sorted(eos_ids)), cfg.sampling, rngs[b])
+      feed.append(tok)
+      if tok in eos_ids:
+        reasons[b] = "stop"
+        continue
+      new[b].append(tok)
+      if cfg.stop:
+        texts[b] = decode_continuation(tokenizer, prompts[b], new[b])
+        if any(s in texts[b] for s in cfg.stop): reasons[b] = "stop"
+    if all(r is not None for r in reasons) or step == limit - 1: break
+    logits = decoder.step_rows(feed, length + step)
+  t_end = time.perf_counter()
+  out = []
+  n_decoded = sum(len(n) for n in new)
+  for b in range(B):
+    text = decode_continuation(tokenizer, prompts[b], new[b])
+    cut = min((i for i in (text.find(s) for s in cfg.stop) if i >= 0), default=-1)
+    if cut >= 0: text = text[:cut]
+    out.append(Generation(text=text, tokens=new[b], prompt_tokens=list(prompts[b]), finish_reason=reasons[b] or "length",
+                          prefill_tokens_per_s=sum(map(len, prompts)) / max(t_first - t0, 1e-9),
+                          decode_tokens_per_s=n_decoded / max(t_end - t_first, 1e-9), time_to_first_token_s=t_first - t0))
+  return out
 
 
 def _eos_ids(eos: int | Sequence[int] | None) -> set[int]:

@@ -11,7 +11,7 @@ from tinygrad.dtype import DType
 from .checkpoint import load_checkpoint
 from .config import ModelArgs, warn_if_beyond_trained
 from .generate import (Decoder, Generation, GenerationConfig, TextStream, _eos_ids, beam_search, decode_continuation,
-                       generate_tokens)
+                       generate_batch, generate_tokens)
 from .model import Transformer
 from .rope import RopeScaling
 from .sampling import SamplingParams
@@ -117,7 +117,8 @@ class Llama:
               eos_token_id=eos_token_id, stop=stop, seed=seed)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list, tuple)):
       if stream: raise ValueError("stream=True takes a single prompt")
-      return [self.generate(p, **kw) for p in prompt]
+      if num_beams > 1 or num_return_sequences > 1: return [self.generate(p, **kw) for p in prompt]
+      return self._batch(prompt, kw)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, eos_token_id=eos_token_id,
                            stop=[stop] if isinstance(stop, str) else list(stop or []),
                            sampling=SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
@@ -143,6 +144,21 @@ class Llama:
       for _ in text_stream: pass
       results.append(text_stream.generation)
     return results[0] if num_return_sequences == 1 else results
+
+  def _batch(self, prompts: list, kw: dict) -> list[Generation]:
+    """A batch of prompts decoded together (see generate_batch); stop strings need the tokenizer."""
+    stop = kw["stop"]
+    cfg = GenerationConfig(max_new_tokens=kw["max_new_tokens"], seed=kw["seed"], eos_token_id=kw["eos_token_id"],
+                           stop=[stop] if isinstance(stop, str) else list(stop or []),
+                           sampling=SamplingParams(*(kw[k] for k in ("do_sample", "temperature", "top_k", "top_p", "min_p",
+                                                                      "repetition_penalty", "typical_p", "no_repeat_ngram_size",
+                                                                      "min_new_tokens", "frequency_penalty", "presence_penalty",
+                                                                      "penalty_last_n"))))
+    cfg.validate()
+    if cfg.stop and self._tokenizer is None: raise ValueError("stop strings need a tokenizer")
+    ids = [self._prompt_ids(p) for p in prompts]
+    eos = self.eos_ids if kw["eos_token_id"] is None else _eos_ids(kw["eos_token_id"])
+    return generate_batch(self.decoder, ids, cfg, eos, self._tokenizer)
 
   def _beam_generations(self, ids: list[int], cfg: GenerationConfig, eos: set[int]) -> Generation | list[Generation]:
     import time

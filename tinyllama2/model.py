@@ -88,8 +88,10 @@ class Attention:
     self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, dtype, device)
     self.wo = Linear(args.n_heads * args.head_dim, args.dim, dtype, device)
 
-  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
-    """With cache=None (training) the keys and values are this call's own, from position 0."""
+  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor, cache: KVCache | None,
+               key_bias: Tensor | None = None) -> Tensor:
+    """With cache=None (training) the keys and values are this call's own, from position 0. key_bias [B, max_seq_len]
+    is added to the scores of each key column (a large negative value hides the left padding of a batch)."""
     B, T, _ = x.shape
     H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
     q = _grad_boundary(apply_rope(self.wq(x).reshape(B, T, H, D), cos, sin))
@@ -108,6 +110,7 @@ class Attention:
     if T > 1:
       mask = Tensor.full((T, start_pos + T), float("-inf"), device=x.device).triu(start_pos + 1)
       scores = scores + mask
+    if key_bias is not None: scores = scores + key_bias[:, 0:start_pos + T].reshape(B, 1, 1, 1, -1)
     probs = _grad_boundary(_grad_boundary(scores).softmax(-1))
     out = probs.cast(x.dtype) @ values                                   # [B, KV, G, T, D]
     return self.wo(out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
@@ -138,8 +141,9 @@ class TransformerBlock:
     self.attention_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
     self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
 
-  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
-    h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, cache)
+  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor, cache: KVCache | None,
+               key_bias: Tensor | None = None) -> Tensor:
+    h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, cache, key_bias)
     return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -195,12 +199,12 @@ class Transformer:
     Tensor.realize(*self.state_dict().values())
 
   # ---- forward ----------------------------------------------------------------------------------
-  def forward_hidden(self, x: Tensor, start_pos: int | UOp, use_cache: bool = True) -> Tensor:
+  def forward_hidden(self, x: Tensor, start_pos: int | UOp, use_cache: bool = True, key_bias: Tensor | None = None) -> Tensor:
     rt = self._runtime
     T = x.shape[1]
     cos, sin = rt.cos[start_pos:start_pos + T], rt.sin[start_pos:start_pos + T]
     caches = rt.caches(x.shape[0]) if use_cache else [None] * len(self.layers)
-    for layer, cache in zip(self.layers, caches): x = layer(x, start_pos, cos, sin, cache)
+    for layer, cache in zip(self.layers, caches): x = layer(x, start_pos, cos, sin, cache, key_bias)
     return self.norm(x)
 
   def __call__(self, tokens: Tensor) -> Tensor:
@@ -235,9 +239,10 @@ class Transformer:
     return self.logits_from_hidden(self.forward_hidden(x, start_pos)).reshape(1, -1)
 
 
-  def decode_batch(self, tokens: Tensor, start_pos: UOp) -> Tensor:
-    """One token per row (int tokens [B, 1], all rows at the same position) → logits [B, vocab]; for beam search."""
-    return self.logits_from_hidden(self.forward_hidden(self.embed(tokens), start_pos))[:, 0, :]
+  def decode_batch(self, tokens: Tensor, start_pos: UOp, key_bias: Tensor) -> Tensor:
+    """One token per row (int tokens [B, 1], all rows at the same cache column) → logits [B, vocab]; for beam
+    search and batches of prompts (key_bias hides each row's left padding)."""
+    return self.logits_from_hidden(self.forward_hidden(self.embed(tokens), start_pos, key_bias=key_bias))[:, 0, :]
 
   def reorder_cache(self, rows: Tensor) -> None:
     """Row b of every KV cache becomes old row rows[b] (beam search keeps the surviving beams' histories)."""
@@ -259,7 +264,7 @@ class _Runtime:
     self.cos, self.sin = Tensor(cos, device=model.device).realize(), Tensor(sin, device=model.device).realize()
     self._caches: list[KVCache] | None = None
     self.decode_jit = TinyJit(lambda tok, pos: model.decode_step(tok, pos).realize())
-    self.batch_jit = TinyJit(lambda toks, pos: model.decode_batch(toks, pos).realize())
+    self.batch_jit = TinyJit(lambda toks, pos, bias: model.decode_batch(toks, pos, bias).realize())
     self.reorder_jit = TinyJit(model.reorder_cache)
     self.prefill_jits: dict[int, TinyJit] = {}
     self.pos_var = Variable("start_pos", 0, model.max_seq_len - 1)
