@@ -207,7 +207,6 @@ def generate_batch(decoder: Decoder, prompts: list[list[int]], cfg: GenerationCo
   rngs = [np.random.Generator(np.random.PCG64(cfg.seed)) for _ in prompts]
   new: list[list[int]] = [[] for _ in prompts]
   reasons: list[str | None] = [None] * B
-  texts = [""] * B
   t0 = time.perf_counter()
   logits = decoder.prefill_rows(prompts)
   t_first = time.perf_counter()
@@ -226,8 +225,7 @@ def generate_batch(decoder: Decoder, prompts: list[list[int]], cfg: GenerationCo
         continue
       new[b].append(tok)
       if cfg.stop:
-        texts[b] = decode_continuation(tokenizer, prompts[b], new[b])
-        if any(s in texts[b] for s in cfg.stop): reasons[b] = "stop"
+        if stop_index(decode_continuation(tokenizer, prompts[b], new[b]), cfg.stop) >= 0: reasons[b] = "stop"
     if all(r is not None for r in reasons) or step == limit - 1: break
     logits = decoder.step_rows(feed, length + step)
   t_end = time.perf_counter()
@@ -235,8 +233,7 @@ def generate_batch(decoder: Decoder, prompts: list[list[int]], cfg: GenerationCo
   n_decoded = sum(len(n) for n in new)
   for b in range(B):
     text = decode_continuation(tokenizer, prompts[b], new[b])
-    cut = min((i for i in (text.find(s) for s in cfg.stop) if i >= 0), default=-1)
-    if cut >= 0: text = text[:cut]
+    if (cut := stop_index(text, cfg.stop)) >= 0: text = text[:cut]
     out.append(Generation(text=text, tokens=new[b], prompt_tokens=list(prompts[b]), finish_reason=reasons[b] or "length",
                           prefill_tokens_per_s=sum(map(len, prompts)) / max(t_first - t0, 1e-9),
                           decode_tokens_per_s=n_decoded / max(t_end - t_first, 1e-9), time_to_first_token_s=t_first - t0))
@@ -246,6 +243,11 @@ def generate_batch(decoder: Decoder, prompts: list[list[int]], cfg: GenerationCo
 def _eos_ids(eos: int | Sequence[int] | None) -> set[int]:
   if eos is None: return set()
   return {int(eos)} if isinstance(eos, (int, np.integer)) else {int(e) for e in eos}
+
+
+def stop_index(text: str, stops: Sequence[str]) -> int:
+  """Where the earliest stop string begins in text, or -1."""
+  return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
 
 
 def decode_continuation(tokenizer: Tokenizer | None, prompt: list[int], new: list[int]) -> str:
@@ -287,7 +289,7 @@ class TextStream:
     for tok in self._tokens:
       self.new.append(tok)
       text = self._decode()
-      cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+      cut = stop_index(text, self.stop)
       if cut >= 0:
         text, reason = text[:cut], "stop"
         if emitted < len(text): yield text[emitted:]

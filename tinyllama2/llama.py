@@ -11,7 +11,7 @@ from tinygrad.dtype import DType
 from .checkpoint import load_checkpoint
 from .config import ModelArgs, warn_if_beyond_trained
 from .generate import (Decoder, Generation, GenerationConfig, TextStream, _eos_ids, beam_search, decode_continuation,
-                       generate_batch, generate_tokens)
+                       generate_batch, generate_tokens, stop_index)
 from .model import Transformer
 from .rope import RopeScaling
 from .sampling import SamplingParams
@@ -106,7 +106,7 @@ class Llama:
                stream: bool = False) -> Generation | TextStream | list[Generation]:
     """Hugging Face-style generation. stream=True returns a TextStream: iterate it for text pieces.
 
-    A list of prompts returns one Generation per prompt; num_return_sequences > 1 returns that many (best first
+    A list of prompts returns one Generation per prompt (decoded as one batch); num_return_sequences > 1 returns that many (best first
     for beam search). `Generation.tokens` holds the new ids without the eos that ended generation (as
     OpenAI/llama.cpp report)."""
     kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -119,15 +119,7 @@ class Llama:
       if stream: raise ValueError("stream=True takes a single prompt")
       if num_beams > 1 or num_return_sequences > 1: return [self.generate(p, **kw) for p in prompt]
       return self._batch(prompt, kw)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, eos_token_id=eos_token_id,
-                           stop=[stop] if isinstance(stop, str) else list(stop or []),
-                           sampling=SamplingParams(do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
-                                                   typical_p, no_repeat_ngram_size, min_new_tokens, frequency_penalty,
-                                                   presence_penalty, penalty_last_n),
-                           num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                           num_return_sequences=num_return_sequences)
-    cfg.validate()
-    if cfg.stop and self._tokenizer is None: raise ValueError("stop strings need a tokenizer")
+    cfg = self._config(kw)
     if stream and (num_beams > 1 or num_return_sequences > 1):
       raise ValueError("stream=True returns one sequence: use num_beams=1 and num_return_sequences=1")
     ids = self._prompt_ids(prompt)
@@ -145,17 +137,21 @@ class Llama:
       results.append(text_stream.generation)
     return results[0] if num_return_sequences == 1 else results
 
-  def _batch(self, prompts: list, kw: dict) -> list[Generation]:
-    """A batch of prompts decoded together (see generate_batch); stop strings need the tokenizer."""
+  def _config(self, kw: dict) -> GenerationConfig:
+    """generate()'s keyword arguments as a validated GenerationConfig."""
     stop = kw["stop"]
     cfg = GenerationConfig(max_new_tokens=kw["max_new_tokens"], seed=kw["seed"], eos_token_id=kw["eos_token_id"],
                            stop=[stop] if isinstance(stop, str) else list(stop or []),
-                           sampling=SamplingParams(*(kw[k] for k in ("do_sample", "temperature", "top_k", "top_p", "min_p",
-                                                                      "repetition_penalty", "typical_p", "no_repeat_ngram_size",
-                                                                      "min_new_tokens", "frequency_penalty", "presence_penalty",
-                                                                      "penalty_last_n"))))
+                           sampling=SamplingParams(**{f: kw[f] for f in SamplingParams.__dataclass_fields__}),
+                           num_beams=kw["num_beams"], length_penalty=kw["length_penalty"],
+                           early_stopping=kw["early_stopping"], num_return_sequences=kw["num_return_sequences"])
     cfg.validate()
     if cfg.stop and self._tokenizer is None: raise ValueError("stop strings need a tokenizer")
+    return cfg
+
+  def _batch(self, prompts: list, kw: dict) -> list[Generation]:
+    """A batch of prompts decoded together (see generate_batch); stop strings need the tokenizer."""
+    cfg = self._config(kw)
     ids = [self._prompt_ids(p) for p in prompts]
     eos = self.eos_ids if kw["eos_token_id"] is None else _eos_ids(kw["eos_token_id"])
     return generate_batch(self.decoder, ids, cfg, eos, self._tokenizer)
@@ -166,8 +162,7 @@ class Llama:
     out = []
     for score, tokens, reason in beam_search(self.decoder, ids, cfg, eos):
       text = decode_continuation(self._tokenizer, ids, tokens)
-      cut = min((i for i in (text.find(s) for s in cfg.stop) if i >= 0), default=-1)
-      if cut >= 0: text, reason = text[:cut], "stop"
+      if (cut := stop_index(text, cfg.stop)) >= 0: text, reason = text[:cut], "stop"
       out.append(Generation(text=text, tokens=tokens, prompt_tokens=list(ids), finish_reason=reason, score=score))
     dt = time.perf_counter() - t0
     for g in out: g.decode_tokens_per_s = cfg.num_beams * max(len(g.tokens) for g in out) / dt
