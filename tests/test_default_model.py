@@ -12,7 +12,7 @@ from tinyllama2.train.data import text_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 STORIES_TXT = SHARED / "corpora" / "tinystories_train_first2MiB.txt"
-HELD_OUT_LOSS = 2.30   # README: the held-out loss the bundled model reached (nats/token), with a little slack
+HELD_OUT_LOSS = 2.20   # README: 2.13 nats/token over all 77 held-out blocks (2.08 over the 6 used here)
 
 
 def test_bundle_is_complete_and_small():

@@ -82,6 +82,11 @@ def test_learns_a_copy_task(tmp_path):
   recs = Trainer(m, m.state_dict(), train, val, cfg).fit(progress=False)
   assert recs[0]["loss"] > 2.0
   assert recs[-1]["val_loss"] < 0.1, recs[-1]
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == list(range(1, 121)) and "val_ppl" in rows[-1]
+  try: import matplotlib  # noqa: F401  (optional extra: the loss curve)
+  except ImportError: return
+  assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
 def test_lr_schedule_is_warmup_then_cosine():

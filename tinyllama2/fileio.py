@@ -16,6 +16,9 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would make the result private, unlike a normally written file
   try:
     with os.fdopen(fd, mode) as f:
       yield f
