@@ -142,3 +142,25 @@ def test_lora_sft_lowers_held_out_loss_and_keeps_base_frozen(tmp_path):
   llm = Llama.from_pretrained(STORIES, tokenizer=TOK512, adapter=adapter)
   ids = trainer.val_data.tokens[0, :20].tolist()
   np.testing.assert_allclose(llm.logits(ids), Llama(trainer.model, None).logits(ids), atol=2e-4)
+
+
+@pytest.mark.slow
+def test_partial_fine_tuning_freezes_by_pattern_and_layers(tmp_path):
+  need(STORIES, TOK512)
+  from tinyllama2.train.recipes import FinetuneOptions, finetune, frozen_names
+  names = list(Llama.from_pretrained(STORIES, tokenizer=TOK512).model.state_dict())
+  frozen = frozen_names(names, ["*norm.weight"], 2)
+  assert "tok_embeddings.weight" in frozen and "layers.1.attention.wq.weight" in frozen
+  assert "layers.2.attention.wq.weight" not in frozen and "layers.4.ffn_norm.weight" in frozen
+  text = tmp_path / "t.txt"
+  text.write_text("Once upon a time, there was a little dog named Max. Max liked to run in the park. " * 40)
+  before = {k: v.numpy().copy() for k, v in Llama.from_pretrained(STORIES, tokenizer=TOK512).model.state_dict().items()}
+  t = finetune(FinetuneOptions(model=str(STORIES), tokenizer=str(TOK512), data=str(text), out=str(tmp_path / "run"),
+                               lora=False, freeze=["*norm.weight"], freeze_layers=2, seq_len=32, val_fraction=0.2,
+                               train=dict(max_steps=3, batch_size=4, lr=1e-3, warmup_steps=1, save_every=3, eval_every=3)),
+               progress=False)
+  after = {k: v.numpy() for k, v in t.model.state_dict().items()}
+  for k in names:
+    if k in frozen: np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    else: assert not np.array_equal(after[k], before[k]), k
+  assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
