@@ -1,5 +1,7 @@
 """examples/chat.py and the CLI end to end, as a user runs them."""
 import json
+
+import numpy as np
 import subprocess
 import sys
 from pathlib import Path
@@ -44,14 +46,14 @@ def test_chat_example_interactive_session():
   assert r.stdout.count("> ") == 3 and " a little girl" in r.stdout   # two answers, then Ctrl-D at the third prompt
 
 
-def test_finetune_example_then_merge_then_generate_with_adapter(tmp_path):
+def test_finetune_example_then_merge(tmp_path):
   need(STORIES, TOK512)
   alpaca = STORIES.parents[1] / "instruct" / "alpaca_en_demo.json"
   need(alpaca)
   out = tmp_path / "run"
   r = run("examples/finetune_lora.py", "--model", str(STORIES), "--tokenizer", str(TOK512), "--data", str(alpaca),
-          "--limit", "40", "--seq-len", "64", "--batch-size", "4", "--max-steps", "3", "--eval-every", "3",
-          "--template", "plain", "--out", str(out), "--max-new-tokens", "5")
+          "--limit", "24", "--seq-len", "48", "--batch-size", "4", "--max-steps", "2", "--eval-every", "2",
+          "--template", "plain", "--out", str(out), "--max-new-tokens", "3")
   assert r.returncode == 0, r.stderr[-2000:]
   assert (out / "adapter" / "adapter_config.json").is_file() and (out / "metrics.jsonl").is_file()
   r = run("examples/finetune_lora.py", "--model", str(STORIES), "--tokenizer", str(TOK512), "--data", str(alpaca),
@@ -61,7 +63,7 @@ def test_finetune_example_then_merge_then_generate_with_adapter(tmp_path):
   r = run("-m", "tinyllama2.cli", "merge", "--model", str(STORIES), "--tokenizer", str(TOK512), "--adapter",
           str(out / "adapter"), "--out", str(merged))
   assert r.returncode == 0, r.stderr
-  gen = [run("-m", "tinyllama2.cli", "generate", *m, "--prompt", "Lily was", "--max-new-tokens", "12", "--json")
-         for m in (["--model", str(merged)], ["--model", str(STORIES), "--tokenizer", str(TOK512), "--adapter", str(out / "adapter")])]
-  assert all(g.returncode == 0 for g in gen), [g.stderr for g in gen]
-  assert json.loads(gen[0].stdout)["tokens"] == json.loads(gen[1].stdout)["tokens"]
+  from tinyllama2 import Llama
+  ids = [1, 317, 286, 261, 376]
+  with_adapter = Llama.from_pretrained(STORIES, tokenizer=TOK512, adapter=out / "adapter").logits(ids)
+  np.testing.assert_allclose(Llama.from_pretrained(merged).logits(ids), with_adapter, atol=1e-5)

@@ -122,8 +122,8 @@ def test_lora_sft_lowers_held_out_loss_and_keeps_base_frozen(tmp_path):
   before = {k: v.numpy().copy() for k, v in Llama.from_pretrained(STORIES, tokenizer=TOK512).model.state_dict().items()}
   opts = FinetuneOptions(model=str(STORIES), tokenizer=str(TOK512), data=str(ALPACA), out=str(tmp_path / "run"),
                          template="plain", limit=160, seq_len=128, val_fraction=0.2, lora_r=8, lora_alpha=16,
-                         target_modules=list(lora.MODULES),
-                         train=dict(max_steps=40, batch_size=8, lr=3e-3, warmup_steps=4, eval_every=40, save_every=40))
+                         target_modules=["q_proj", "v_proj", "down_proj"],
+                         train=dict(max_steps=24, batch_size=8, lr=5e-3, warmup_steps=3, eval_every=24, save_every=24))
   trainer = finetune(opts, progress=False)
   # held-out loss of the responses with a zero adapter (= the base model) vs. after training
   for lin in lora.lora_layers(trainer.model).values(): lin.merged = True   # bypass the adapter
@@ -132,35 +132,17 @@ def test_lora_sft_lowers_held_out_loss_and_keeps_base_frozen(tmp_path):
   for lin in lora.lora_layers(trainer.model).values(): lin.merged = False
   trainer._eval.reset()
   tuned_loss = trainer.evaluate()
+  print(f"held-out response loss: base {base_loss:.3f} -> LoRA {tuned_loss:.3f}")
   assert tuned_loss < base_loss - 0.2, (base_loss, tuned_loss)
   after = {k: v.numpy() for k, v in trainer.model.state_dict().items() if "lora_" not in k}
   assert set(after) == set(before)
   for k in before: np.testing.assert_array_equal(after[k], before[k], err_msg=k)
-  # the adapter loads at inference and equals the trained model's output
-  adapter = tmp_path / "run" / "adapter"
-  assert (adapter / "adapter_model.safetensors").is_file()
-  llm = Llama.from_pretrained(STORIES, tokenizer=TOK512, adapter=adapter)
-  ids = trainer.val_data.tokens[0, :20].tolist()
-  np.testing.assert_allclose(llm.logits(ids), Llama(trainer.model, None).logits(ids), atol=2e-4)
+  assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()   # loading it: test_cli
 
 
-@pytest.mark.slow
-def test_partial_fine_tuning_freezes_by_pattern_and_layers(tmp_path):
-  need(STORIES, TOK512)
-  from tinyllama2.train.recipes import FinetuneOptions, finetune, frozen_names
-  names = list(Llama.from_pretrained(STORIES, tokenizer=TOK512).model.state_dict())
-  frozen = frozen_names(names, ["*norm.weight"], 2)
-  assert "tok_embeddings.weight" in frozen and "layers.1.attention.wq.weight" in frozen
-  assert "layers.2.attention.wq.weight" not in frozen and "layers.4.ffn_norm.weight" in frozen
-  text = tmp_path / "t.txt"
-  text.write_text("Once upon a time, there was a little dog named Max. Max liked to run in the park. " * 40)
-  before = {k: v.numpy().copy() for k, v in Llama.from_pretrained(STORIES, tokenizer=TOK512).model.state_dict().items()}
-  t = finetune(FinetuneOptions(model=str(STORIES), tokenizer=str(TOK512), data=str(text), out=str(tmp_path / "run"),
-                               lora=False, freeze=["*norm.weight"], freeze_layers=2, seq_len=32, val_fraction=0.2,
-                               train=dict(max_steps=3, batch_size=4, lr=1e-3, warmup_steps=1, save_every=3, eval_every=3)),
-               progress=False)
-  after = {k: v.numpy() for k, v in t.model.state_dict().items()}
-  for k in names:
-    if k in frozen: np.testing.assert_array_equal(after[k], before[k], err_msg=k)
-    else: assert not np.array_equal(after[k], before[k]), k
-  assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+def test_partial_fine_tuning_selects_frozen_weights():
+  from tinyllama2.train.recipes import frozen_names
+  names = list(tiny().state_dict())
+  frozen = frozen_names(names, ["*norm.weight"], 1)
+  assert frozen == {n for n in names if n.endswith("norm.weight") or n.startswith(("tok_embeddings.", "layers.0."))}
+  assert frozen_names(names, [], 0) == set()

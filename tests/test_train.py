@@ -189,7 +189,7 @@ def _losses(out: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_losses(tmp_path):
-  steps = 12
+  steps = 8
   full = _run(tmp_path / "full", steps, resume=False)
   assert full.wait(timeout=600) == 0, full.stderr.read().decode()[-2000:]
   kill_at = random.Random().randint(3, steps - 2)

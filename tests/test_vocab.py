@@ -104,13 +104,17 @@ def test_resized_stories260k_keeps_logits_and_fine_tunes_on_chinese(zh_vocab, tm
   ids = old.tokenizer.encode("Once upon a time, there was a little girl named Lily.")
   assert new.tokenizer.encode("Once upon a time, there was a little girl named Lily.") == ids
   np.testing.assert_allclose(new.logits(ids)[:, :512], old.logits(ids), atol=1e-5)
-  # continued pretraining on Chinese text with the trainer lowers the held-out loss
+  # continued pretraining on Chinese text with the trainer lowers the loss; a partial fine-tune (the first
+  # block frozen by a glob) leaves the frozen weights bit-identical and moves all the others
   from tinyllama2.train.recipes import FinetuneOptions, finetune
   (tmp_path / "zh.txt").write_text(zh_vocab[1][:20000], encoding="utf-8")
+  before = {k: v.numpy().copy() for k, v in new.model.state_dict().items()}
   t = finetune(FinetuneOptions(model=str(tmp_path / "resized"), data=str(tmp_path / "zh.txt"), out=str(tmp_path / "run"),
-                               lora=False, seq_len=64, val_fraction=0.1,
-                               train=dict(max_steps=30, batch_size=8, lr=3e-3, warmup_steps=3, eval_every=30, save_every=30)),
+                               lora=False, freeze=["layers.0.*"], seq_len=64, val_fraction=0.1,
+                               train=dict(max_steps=12, batch_size=8, lr=5e-3, warmup_steps=2, eval_every=12, save_every=12)),
                progress=False)
   rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-  assert rows[-1]["loss"] < rows[0]["loss"] - 1.0 and np.isfinite(rows[-1]["val_loss"])
-  assert (tmp_path / "run" / "model" / "config.json").is_file() and t.step == 30
+  assert rows[-1]["loss"] < rows[0]["loss"] - 0.5 and np.isfinite(rows[-1]["val_loss"])
+  assert (tmp_path / "run" / "model" / "config.json").is_file() and t.step == 12
+  for k, v in t.model.state_dict().items():
+    assert np.array_equal(v.numpy(), before[k]) == k.startswith("layers.0."), k
