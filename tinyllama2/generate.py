@@ -61,6 +61,7 @@ class Decoder:
 
   def __init__(self, model: Transformer, prefill_chunk: int = 256, beam: int = 0):
     self.model, self.prefill_chunk, self.beam = model, prefill_chunk, beam
+    self._bias: Tensor | None = None   # [rows, max_seq_len] key bias of the batched rows (left padding)
 
   def _check_len(self, n: int) -> None:
     if n > self.model.max_seq_len:
@@ -97,7 +98,6 @@ class Decoder:
     with Context(BEAM=self.beam):
       return rt.decode_jit(rt.tok_var.bind(int(token)), rt.pos_var.bind(pos)).numpy()[0]
 
-
   # ---- batched rows (beam search, batches of prompts) -------------------------------------------------
   PAD_BIAS = -1e9   # finite, so a padding query (which sees only padding) still gets a finite softmax
 
@@ -120,13 +120,12 @@ class Decoder:
     return logits.numpy()[:, 0, :]
 
   def step_rows(self, tokens: Sequence[int], pos: int, parents: Sequence[int] | None = None) -> np.ndarray:
-    """Cache rows are first reordered to `parents` (beam search), then row b is fed tokens[b] at cache column
-    `pos`; logits [rows, vocab]."""
+    """Cache rows are first reordered to `parents` (beam search: every row holds the same prompt, so the padding
+    bias needs no reordering), then row b is fed tokens[b] at cache column `pos`; logits [rows, vocab]."""
     self._check_len(pos + 1)
     rt, dev = self.model._runtime, self.model.device
     if parents is not None and list(parents) != list(range(len(parents))):
       rt.reorder_jit(Tensor(list(parents), dtype="int32", device=dev))
-      self._bias = self._bias[Tensor(list(parents), dtype="int32", device=dev)].contiguous().realize()
     with Context(BEAM=self.beam):
       toks = Tensor([[int(t)] for t in tokens], dtype="int32", device=dev)
       return rt.batch_jit(toks, rt.pos_var.bind(pos), self._bias).numpy()
