@@ -238,7 +238,6 @@ class Transformer:
     x = self.tok_embeddings.weight.shrink(((token, token + 1), None)).reshape(1, 1, self.args.dim)
     return self.logits_from_hidden(self.forward_hidden(x, start_pos)).reshape(1, -1)
 
-
   def decode_batch(self, tokens: Tensor, start_pos: UOp, key_bias: Tensor) -> Tensor:
     """One token per row (int tokens [B, 1], all rows at the same cache column) → logits [B, vocab]; for beam
     search and batches of prompts (key_bias hides each row's left padding)."""
