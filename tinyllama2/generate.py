@@ -204,6 +204,7 @@ def generate_batch(decoder: Decoder, prompts: list[list[int]], cfg: GenerationCo
   cfg.validate()
   B, length = len(prompts), max(len(p) for p in prompts)
   rngs = [np.random.Generator(np.random.PCG64(cfg.seed)) for _ in prompts]
+  eos = sorted(eos_ids)
   new: list[list[int]] = [[] for _ in prompts]
   reasons: list[str | None] = [None] * B
   t0 = time.perf_counter()
@@ -217,7 +218,7 @@ def generate_batch(decoder: Decoder, prompts: list[list[int]], cfg: GenerationCo
         feed.append(0)
         continue
       seen = prompts[b] + new[b]
-      tok = choose(process(logits[b], cfg.sampling, seen, len(new[b]), sorted(eos_ids)), cfg.sampling, rngs[b])
+      tok = choose(process(logits[b], cfg.sampling, seen, len(new[b]), eos), cfg.sampling, rngs[b])
       feed.append(tok)
       if tok in eos_ids:
         reasons[b] = "stop"
@@ -319,12 +320,13 @@ def generate_tokens(decoder: Decoder, prompt: list[int], cfg: GenerationConfig, 
   t_first, ttft, n_new = t0, 0.0, 0
   finish["reason"] = "length"
   if cfg.max_new_tokens == 0: return
+  eos = sorted(eos_ids)
   try:
     seen = list(prompt)
     logits = decoder.prefill(prompt)
     t_first = time.perf_counter()
     while True:
-      token = choose(process(logits, cfg.sampling, seen, n_new, sorted(eos_ids)), cfg.sampling, rng)
+      token = choose(process(logits, cfg.sampling, seen, n_new, eos), cfg.sampling, rng)
       if n_new == 0: ttft = time.perf_counter() - t0
       n_new += 1
       seen.append(token)

@@ -117,8 +117,8 @@ def merge(model: Transformer) -> None:
   model._runtime.reset_jits()
 
 
-def _row_permutation(model: Transformer, path: str):
-  """The HF row permutation for lora_B of q_proj / k_proj (identity for the others)."""
+def _hf_permuted_heads(model: Transformer, path: str) -> int | None:
+  """Heads of the HF rotate-half row permutation that lora_B of q_proj / k_proj needs (None for the others)."""
   if path.endswith("q_proj"): return model.args.n_heads
   if path.endswith("k_proj"): return model.args.n_kv_heads
   return None
@@ -130,7 +130,7 @@ def save_adapter(model: Transformer, out: str | Path, cfg: LoraConfig, base_mode
   tensors = {}
   for path, lin in lora_layers(model).items():
     b = lin.lora_B.numpy()
-    if (heads := _row_permutation(model, path)) is not None: b = permute_to_hf(b, heads)
+    if (heads := _hf_permuted_heads(model, path)) is not None: b = permute_to_hf(b, heads)
     tensors[f"base_model.model.{path}.lora_A.weight"] = lin.lora_A.numpy()
     tensors[f"base_model.model.{path}.lora_B.weight"] = np.ascontiguousarray(b)
   if not tensors: raise ValueError("the model has no LoRA adapters to save")
@@ -183,7 +183,7 @@ def load_adapter(model: Transformer, path: str | Path) -> LoraConfig:
     if a.shape != tuple(lin.lora_A.shape) or b.shape != tuple(lin.lora_B.shape):
       raise ValueError(f"{wfile}: {p} has lora_A {a.shape} / lora_B {b.shape}, the model needs "
                        f"{tuple(lin.lora_A.shape)} / {tuple(lin.lora_B.shape)}")
-    if (heads := _row_permutation(model, p)) is not None: b = permute_from_hf(b, heads)
+    if (heads := _hf_permuted_heads(model, p)) is not None: b = permute_from_hf(b, heads)
     lin.lora_A.assign(Tensor(np.array(a, dtype=np.float32), device=lin.lora_A.device)).realize()
     lin.lora_B.assign(Tensor(np.array(b, dtype=np.float32), device=lin.lora_B.device)).realize()
   return cfg

@@ -245,10 +245,11 @@ class Transformer:
 
   def reorder_cache(self, rows: Tensor) -> None:
     """Row b of every KV cache becomes old row rows[b] (beam search keeps the surviving beams' histories)."""
-    for c in self._runtime.caches(rows.shape[0]):
+    caches = self._runtime.caches(rows.shape[0])
+    for c in caches:
       c.k.assign(c.k[rows].contiguous())
       c.v.assign(c.v[rows].contiguous())
-    Tensor.realize(*[t for c in self._runtime.caches(rows.shape[0]) for t in (c.k, c.v)])
+    Tensor.realize(*[t for c in caches for t in (c.k, c.v)])
 
 
 class _Runtime:

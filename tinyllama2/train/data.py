@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..fileio import atomic_write
 from ..tokenizer import Llama2ChatTemplate, Tokenizer
 
 DOC_SEPARATOR = "<|endoftext|>"   # TinyStories' document separator; other files are one document
@@ -63,7 +64,6 @@ def tokenize_corpus(path: str | Path, tokenizer: Tokenizer, cache: Path | None =
   for ids in tokenizer.sp.EncodeAsIds([d for d in docs if d]):
     stream += [tokenizer.bos_id, *ids, tokenizer.eos_id]
   arr = np.asarray(stream, dtype=np.int32)
-  from ..fileio import atomic_write
   try:
     with atomic_write(cached) as f: np.save(f, arr)
   except OSError as e: warnings.warn(f"could not cache tokens in {cached}: {e}")
