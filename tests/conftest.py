@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tinyllama2  # noqa: F401  (first: it picks tinygrad's CPU runtime before tinygrad is imported)
+
 SHARED = Path(os.environ.get("TINYLLAMA2_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 STORIES = SHARED / "models" / "stories260K.bin"
 STORIES_V1 = SHARED / "models" / "stories260K_v1.bin"

@@ -16,6 +16,7 @@ from tinygrad import Tensor, TinyJit, UOp, Variable, dtypes  # noqa: E402
 from tinygrad.dtype import DType  # noqa: E402
 from tinygrad.helpers import TRAINING  # noqa: E402
 
+from . import cpu_kernels  # noqa: E402
 from .config import ModelArgs  # noqa: E402
 from .fileio import release_mapped  # noqa: E402
 from .rope import rope_tables  # noqa: E402
@@ -40,7 +41,11 @@ class Linear:
     lin.weight = weight
     return lin
 
-  def __call__(self, x: Tensor) -> Tensor: return _grad_boundary(x @ self.weight.T)
+  def __call__(self, x: Tensor) -> Tensor:
+    w = self.weight
+    if cpu_kernels.usable(x, w.dtype, w.device):   # decoding one token on the CPU: a kernel that streams the weights
+      return cpu_kernels.matvec(x, w).reshape(*x.shape[:-1], w.shape[0]).cast(x.dtype)
+    return _grad_boundary(x @ w.T)
 
 
 def _grad_boundary(y: Tensor) -> Tensor:
@@ -105,8 +110,10 @@ class Attention:
       keys = cache.k[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)     # [B, KV, 1, S, D]
       values = cache.v[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)
     # query head h reads kv head h // (H // KV): group the query heads under their kv head
-    q = q.transpose(1, 2).reshape(B, KV, H // KV, T, D)
-    scores = (q @ keys.transpose(-1, -2)).float() * (1.0 / math.sqrt(D))  # [B, KV, G, T, S]
+    q = q.transpose(1, 2).reshape(B, KV, H // KV, T, D).contiguous()
+    # broadcast-multiply-sum rather than matmul: matmul's transposes of the symbolic-length cache view leave integer
+    # div/mod in the innermost loop of tinygrad's kernel
+    scores = (q.unsqueeze(-2) * keys.unsqueeze(-3)).sum(-1).float() * (1.0 / math.sqrt(D))  # [B, KV, G, T, S]
     if T > 1:
       mask = Tensor.full((T, start_pos + T), float("-inf"), device=x.device).triu(start_pos + 1)
       scores = scores + mask

@@ -10,6 +10,8 @@ import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 
+from . import cpu_kernels
+
 BLOCK = 32
 MODES = ("int8", "int4")
 
@@ -42,7 +44,11 @@ class QuantLinear:
       vals = lo.cat(hi, dim=-1).cast(self.dtype) - 8
     return (vals * d).reshape(self.out_features, self.in_features)
 
-  def __call__(self, x: Tensor) -> Tensor: return x @ self.dequantize().T
+  def __call__(self, x: Tensor) -> Tensor:
+    if cpu_kernels.usable(x, self.packed.dtype, self.packed.device):   # one row on the CPU: read the blocks as they are
+      kernel = cpu_kernels.matvec_q8_0 if self.mode == "int8" else cpu_kernels.matvec_q4_0
+      return kernel(x, self.packed, self.scale).reshape(*x.shape[:-1], self.out_features).cast(x.dtype)
+    return x @ self.dequantize().T
 
   def nbytes(self) -> int: return self.packed.nbytes() + self.scale.nbytes()
 

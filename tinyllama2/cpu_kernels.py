@@ -1,0 +1,148 @@
+"""Matrix-vector kernels for decoding on tinygrad's CPU (clang) backend, written as tinygrad custom kernels.
+
+Decoding one token is a chain of matrix-vector products, so its speed is how fast the weights stream from
+memory. tinygrad 0.14's generated CPU matvec keeps one serial accumulator chain per output row, and its C
+renderer scalarizes every ALU op (fp16 weights are even converted lane by lane), so clang cannot vectorize the
+reduction without reassociating floats: 3.5 GB/s for fp32 and 0.7 GB/s for fp16 on our 2-core test machine.
+These kernels keep four independent 8-wide fp32 accumulators per row and convert fp16/int8/int4 weights to
+fp32 a vector at a time, which reaches ~9 GB/s, the single-core streaming limit (tinygrad 0.14 runs every CPU
+kernel on one worker thread, so one core is all a kernel gets).
+
+They are tinygrad kernels all the same: `Tensor.custom_kernel` places them in the lazy graph, TinyJit captures
+them with the rest of the decode step and tinygrad's compiler cache keeps them. Only the body is C (a CUSTOM
+op), so they exist for the clang renderer only; every other backend keeps the generic matmul.
+"""
+from __future__ import annotations
+
+import functools
+
+from tinygrad import Device, Tensor, UOp, dtypes
+from tinygrad.dtype import DType
+from tinygrad.helpers import TRAINING
+from tinygrad.uop.ops import KernelInfo, Ops
+
+QBLOCK = 32   # values per Q8_0 / Q4_0 block
+
+_PRELUDE = """typedef float tl_f8 __attribute__((ext_vector_type(8), aligned(4)));
+typedef float tl_f16 __attribute__((ext_vector_type(16), aligned(4)));
+typedef __fp16 tl_h8 __attribute__((ext_vector_type(8), aligned(2)));
+typedef signed char tl_i8x8 __attribute__((ext_vector_type(8), aligned(1)));
+typedef unsigned char tl_u8x16 __attribute__((ext_vector_type(16), aligned(1)));
+"""
+_HSUM8 = "((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))"
+
+# y[n] = sum_k w[n, k] x[k]; {0} = y (float), {1} = x (float), {2} = w. TL_LOAD8(p): 8 floats from the weights at p
+_DENSE = _PRELUDE + """#define TL_LOAD8(p) %(load8)s
+const %(wt)s* restrict tl_w = (const %(wt)s*){2};
+const float* restrict tl_x = (const float*){1};
+for (int n = 0; n < %(N)d; n++) {
+  const %(wt)s* w = tl_w + (long)n * %(K)d;
+  tl_f8 a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+  int k = 0;
+  for (; k + 32 <= %(K)d; k += 32) {
+    a0 += TL_LOAD8(w + k) * *(const tl_f8*)(tl_x + k);
+    a1 += TL_LOAD8(w + k + 8) * *(const tl_f8*)(tl_x + k + 8);
+    a2 += TL_LOAD8(w + k + 16) * *(const tl_f8*)(tl_x + k + 16);
+    a3 += TL_LOAD8(w + k + 24) * *(const tl_f8*)(tl_x + k + 24);
+  }
+  for (; k + 8 <= %(K)d; k += 8) a0 += TL_LOAD8(w + k) * *(const tl_f8*)(tl_x + k);
+  tl_f8 a = (a0 + a1) + (a2 + a3);
+  float s = %(hsum)s;
+  for (; k < %(K)d; k++) s += (float)w[k] * tl_x[k];
+  {0}[n] = s;
+}
+#undef TL_LOAD8"""
+
+# Q8_0: {2} = int8 values [N, K/32, 32], {3} = fp16 scales [N, K/32]; y[n] = sum_b d[n,b] * sum_j q[n,b,j] x[32b+j]
+_Q8_0 = _PRELUDE + """const signed char* restrict tl_q = (const signed char*){2};
+const __fp16* restrict tl_d = (const __fp16*){3};
+const float* restrict tl_x = (const float*){1};
+for (int n = 0; n < %(N)d; n++) {
+  tl_f8 a0 = 0, a1 = 0;
+  for (int b = 0; b < %(NB)d; b++) {
+    const signed char* q = tl_q + ((long)n * %(NB)d + b) * 32;
+    const float* x = tl_x + b * 32;
+    tl_f8 s = __builtin_convertvector(*(const tl_i8x8*)q, tl_f8) * *(const tl_f8*)x
+            + __builtin_convertvector(*(const tl_i8x8*)(q + 8), tl_f8) * *(const tl_f8*)(x + 8)
+            + __builtin_convertvector(*(const tl_i8x8*)(q + 16), tl_f8) * *(const tl_f8*)(x + 16)
+            + __builtin_convertvector(*(const tl_i8x8*)(q + 24), tl_f8) * *(const tl_f8*)(x + 24);
+    float d = (float)tl_d[(long)n * %(NB)d + b];
+    if (b & 1) a1 += s * d; else a0 += s * d;
+  }
+  tl_f8 a = a0 + a1;
+  {0}[n] = %(hsum)s;
+}"""
+
+# Q4_0: {2} = bytes [N, K/32, 16] (value j in the low nibble of byte j, value j+16 in the high nibble), {3} = fp16
+# scales; a weight is (nibble - 8) * d
+_Q4_0 = _PRELUDE + """const unsigned char* restrict tl_q = (const unsigned char*){2};
+const __fp16* restrict tl_d = (const __fp16*){3};
+const float* restrict tl_x = (const float*){1};
+for (int n = 0; n < %(N)d; n++) {
+  tl_f16 acc = 0;
+  for (int b = 0; b < %(NB)d; b++) {
+    tl_u8x16 p = *(const tl_u8x16*)(tl_q + ((long)n * %(NB)d + b) * 16);
+    const float* x = tl_x + b * 32;
+    tl_f16 lo = __builtin_convertvector(p & (unsigned char)15, tl_f16) - 8.0f;
+    tl_f16 hi = __builtin_convertvector(p >> 4, tl_f16) - 8.0f;
+    tl_f16 s = lo * *(const tl_f16*)x + hi * *(const tl_f16*)(x + 16);
+    acc += s * (float)tl_d[(long)n * %(NB)d + b];
+  }
+  tl_f8 a = acc.lo + acc.hi;
+  {0}[n] = %(hsum)s;
+}"""
+
+_WEIGHT_C_TYPE = {dtypes.float32: "float", dtypes.float16: "__fp16"}
+# float32 weights are a plain vector load; float16 a vector conversion (one vcvtph2ps on x86)
+_LOAD8 = {dtypes.float32: "(*(const tl_f8*)(p))", dtypes.float16: "__builtin_convertvector(*(const tl_h8*)(p), tl_f8)"}
+
+
+@functools.cache
+def available(device: str) -> bool:
+  """True when `device` compiles C with clang (tinygrad's default CPU renderer)."""
+  if device.split(":")[0] != "CPU": return False
+  from tinygrad.renderer.cstyle import ClangRenderer
+  return isinstance(Device[device].renderer, ClangRenderer)
+
+
+def usable(x: Tensor, weight_dtype: DType, device: str) -> bool:
+  """Whether a projection of x (one row, no gradient needed) can use these kernels."""
+  rows = 1
+  for s in x.shape[:-1]: rows *= s if isinstance(s, int) else 2
+  return rows == 1 and not TRAINING and weight_dtype in (dtypes.float32, dtypes.float16, dtypes.int8, dtypes.uint8) \
+    and isinstance(device, str) and available(device)
+
+
+def _c_source(template: str, **consts) -> str:
+  """Fill a template: %(name)s constants, then double every brace that is C so str.format only sees {0}..{3}."""
+  src = template % {**consts, "hsum": _HSUM8}
+  src = src.replace("{", "{{").replace("}", "}}")
+  for i in range(4): src = src.replace("{{%d}}" % i, "{%d}" % i)
+  return src
+
+
+def _run(name: str, source: str, n_out: int, x: Tensor, *weights: Tensor) -> Tensor:
+  if not available(x.device): raise ValueError(f"the C decode kernels need tinygrad's clang CPU backend, not {x.device}")
+  def kernel(*params: UOp) -> UOp:
+    return UOp(Ops.CUSTOM, dtypes.void, src=params, arg=source).sink(arg=KernelInfo(name=name, opts_to_apply=()))
+  out = Tensor.empty(n_out, dtype=dtypes.float32, device=x.device)
+  return out.custom_kernel(x.reshape(-1).float(), *[w.reshape(-1) for w in weights], fxn=kernel)[0]
+
+
+def matvec(x: Tensor, weight: Tensor) -> Tensor:
+  """x [..., K] (one row) @ weight[N, K].T → float32 [N]; weight float32 or float16."""
+  N, K = weight.shape
+  source = _c_source(_DENSE, wt=_WEIGHT_C_TYPE[weight.dtype], load8=_LOAD8[weight.dtype], N=N, K=K)
+  return _run(f"matvec_{'f16' if weight.dtype == dtypes.float16 else 'f32'}_{N}_{K}", source, N, x, weight)
+
+
+def matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
+  """x [..., K] (one row) against Q8_0 blocks: packed int8 [N, K/32, 32], scale fp16 [N, K/32] → float32 [N]."""
+  N, NB = scale.shape
+  return _run(f"matvec_q8_0_{N}_{NB * QBLOCK}", _c_source(_Q8_0, N=N, NB=NB), N, x, packed, scale)
+
+
+def matvec_q4_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
+  """x [..., K] (one row) against Q4_0 blocks: packed uint8 [N, K/32, 16], scale fp16 [N, K/32] → float32 [N]."""
+  N, NB = scale.shape
+  return _run(f"matvec_q4_0_{N}_{NB * QBLOCK}", _c_source(_Q4_0, N=N, NB=NB), N, x, packed, scale)
