@@ -113,6 +113,13 @@ def usable(x: Tensor, weight_dtype: DType, device: str) -> bool:
     and isinstance(device, str) and available(device)
 
 
+def upcast_for_matmul(x: Tensor, weight_dtype: DType, device: str) -> bool:
+  """Whether a several-row matmul (prefill) on the CPU should first write its weight out as float32: tinygrad's
+  generated matmul converts fp16 (and unpacks int8/int4) weights element by element inside the inner loop, which
+  makes an fp16 prefill ~15x slower than fp32; one vectorizable conversion pass per weight costs far less."""
+  return weight_dtype != dtypes.float32 and not TRAINING and isinstance(device, str) and available(device)
+
+
 def _c_source(template: str, **consts) -> str:
   """Fill a template: %(name)s constants, then double every brace that is C so str.format only sees {0}..{3}."""
   src = template % {**consts, "hsum": _HSUM8}

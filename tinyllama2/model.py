@@ -45,6 +45,7 @@ class Linear:
     w = self.weight
     if cpu_kernels.usable(x, w.dtype, w.device):   # decoding one token on the CPU: a kernel that streams the weights
       return cpu_kernels.matvec(x, w).reshape(*x.shape[:-1], w.shape[0]).cast(x.dtype)
+    if cpu_kernels.upcast_for_matmul(x, w.dtype, w.device): return (x.float() @ w.float().contiguous().T).cast(x.dtype)
     return _grad_boundary(x @ w.T)
 
 
@@ -211,6 +212,9 @@ class Transformer:
     T = x.shape[1]
     cos, sin = rt.cos[start_pos:start_pos + T], rt.sin[start_pos:start_pos + T]
     caches = rt.caches(x.shape[0]) if use_cache else [None] * len(self.layers)
+    # on the CPU, half weights are read as half but the activations stay float32, as in llama.cpp: the C backend has
+    # no vector half arithmetic, so half activations would only add a conversion to every element of every op
+    if x.dtype == dtypes.float16 and use_cache and cpu_kernels.available(self.device): x = x.float()
     for layer, cache in zip(self.layers, caches): x = layer(x, start_pos, cos, sin, cache, key_bias)
     return self.norm(x)
 

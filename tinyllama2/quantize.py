@@ -36,18 +36,21 @@ class QuantLinear:
     Tensor.realize(q.packed, q.scale)
     return q
 
-  def dequantize(self) -> Tensor:
-    d = self.scale.cast(self.dtype).unsqueeze(-1)
-    if self.mode == "int8": vals = self.packed.cast(self.dtype)
+  def dequantize(self, dtype: DType | None = None) -> Tensor:
+    dtype = dtype or self.dtype
+    d = self.scale.cast(dtype).unsqueeze(-1)
+    if self.mode == "int8": vals = self.packed.cast(dtype)
     else:
       lo, hi = self.packed.bitwise_and(15), self.packed.rshift(4)
-      vals = lo.cat(hi, dim=-1).cast(self.dtype) - 8
+      vals = lo.cat(hi, dim=-1).cast(dtype) - 8
     return (vals * d).reshape(self.out_features, self.in_features)
 
   def __call__(self, x: Tensor) -> Tensor:
     if cpu_kernels.usable(x, self.packed.dtype, self.packed.device):   # one row on the CPU: read the blocks as they are
       kernel = cpu_kernels.matvec_q8_0 if self.mode == "int8" else cpu_kernels.matvec_q4_0
       return kernel(x, self.packed, self.scale).reshape(*x.shape[:-1], self.out_features).cast(x.dtype)
+    if cpu_kernels.upcast_for_matmul(x, self.packed.dtype, self.packed.device):
+      return (x.float() @ self.dequantize(dtypes.float32).contiguous().T).cast(x.dtype)
     return x @ self.dequantize().T
 
   def nbytes(self) -> int: return self.packed.nbytes() + self.scale.nbytes()
