@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import re
 import resource
 import sys
@@ -41,7 +42,6 @@ class BenchResult:
 
 def measure_read_bandwidth(n_bytes: int = 1 << 30, threads: int | None = None, repeats: int = 3) -> float:
   """GB/s of summing a large float32 array with one numpy thread per core (numpy releases the GIL)."""
-  import os
   threads = threads or os.cpu_count() or 1
   a = np.ones(n_bytes // 4, dtype=np.float32)
   parts = np.array_split(a, threads)
@@ -112,8 +112,17 @@ def profile_kernels(fn) -> list[tuple[str, float, float]]:
     m = _KERNEL_LINE.search(line)
     if m is None: continue
     t = float(m.group(3)) * {"us": 1, "ms": 1e3, "s": 1e6}[m.group(4)]
-    rows.append((m.group(2).strip(), t, float(m.group(5))))
+    name = m.group(2).strip()
+    rows.append((name, t, _custom_kernel_gb_s(name, t) or float(m.group(5))))
   return rows
+
+
+def _custom_kernel_gb_s(name: str, microseconds: float) -> float | None:
+  """tinygrad has no byte count for our C matvec kernels; their names carry the weight shape and kind."""
+  from .cpu_kernels import BYTES_PER_WEIGHT
+  m = re.fullmatch(r"matvec_(\w+?)_(\d+)_(\d+)", name)
+  if m is None or m.group(1) not in BYTES_PER_WEIGHT: return None
+  return int(m.group(2)) * int(m.group(3)) * BYTES_PER_WEIGHT[m.group(1)] / (microseconds * 1e3)
 
 
 def format_profile(rows: list[tuple[str, float, float]], top: int = 15) -> str:
@@ -152,6 +161,8 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
   ttft_warm, prefill, decode, tok = run()
   kernels = _kernels_per_decode_step(dec, tok, prompt_len)
   if profile:
+    if os.environ.get("HCQ2", "0") != "0":
+      print("note: HCQ2 is on: kernels run asynchronously and their DEBUG=2 times are not per kernel; use HCQ2=0")
     print(f"\n{model} {m.device} {dtype} {quantize or ''}: decode step\n" +
           format_profile(profile_kernels(lambda: dec.step(tok, prompt_len))))
     print(f"{model} {m.device} {dtype} {quantize or ''}: prefill of {prompt_len} tokens\n" +
@@ -195,7 +206,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for prefill")
   p.add_argument("--new-tokens", type=int, default=128, help="decode steps")
   p.add_argument("--quantize", action="append", choices=["none", "int8", "int4"], help="weight quantization(s)")
-  p.add_argument("--profile", action="store_true", help="print the kernels of one decode step with time and GB/s")
+  p.add_argument("--profile", action="store_true", help="print the kernels of one decode step with time and GB/s "
+                 "(per-kernel times need HCQ2=0 in the environment; bench/bench.py sets it)")
   p.add_argument("--beam", type=int, default=0,
                  help="compile decode with tinygrad BEAM search of this width (use after `tinyllama2 tune`)")
   p.add_argument("--json", help="also write results as JSON to this file ('-' for stdout only)")

@@ -22,6 +22,8 @@ from tinygrad.helpers import TRAINING
 from tinygrad.uop.ops import KernelInfo, Ops
 
 QBLOCK = 32   # values per Q8_0 / Q4_0 block
+# weight bytes per value, by the kind in a kernel's name (matvec_<kind>_<rows>_<cols>)
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 _PRELUDE = """typedef float tl_f8 __attribute__((ext_vector_type(8), aligned(4)));
 typedef float tl_f16 __attribute__((ext_vector_type(16), aligned(4)));
