@@ -60,3 +60,18 @@ def test_layers_use_the_kernel_for_one_row_and_agree_with_the_generic_matmul(mod
   y1, y2 = layer(one).numpy(), layer(two).numpy()
   assert y1.shape == (1, 1, 16) and y2.shape == (2, 1, 16)
   np.testing.assert_allclose(y1[0, 0], y2[0, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [dtypes.float32, dtypes.float16])
+def test_fused_qkv_and_swiglu_kernels_match_numpy(dtype):
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal(100).astype(np.float32)
+  ws = [Tensor(rng.standard_normal((n, 100)).astype(np.float32), device=DEV).cast(dtype).contiguous().realize()
+        for n in (16, 8, 8)]
+  w64 = [w.float().numpy().astype(np.float64) for w in ws]
+  xt = Tensor(x, device=DEV)
+  np.testing.assert_allclose(cpu_kernels.matvec_concat(xt, ws).numpy(), np.concatenate([w @ x for w in w64]),
+                             rtol=1e-5, atol=1e-5)
+  gate, up = w64[1] @ x, w64[2] @ x
+  np.testing.assert_allclose(cpu_kernels.matvec_swiglu(xt, ws[1], ws[2]).numpy(), gate / (1 + np.exp(-gate)) * up,
+                             rtol=1e-5, atol=1e-5)

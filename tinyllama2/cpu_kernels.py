@@ -33,27 +33,28 @@ typedef unsigned char tl_u8x16 __attribute__((ext_vector_type(16), aligned(1)));
 """
 _HSUM8 = "((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))"
 
-# y[n] = sum_k w[n, k] x[k]; {0} = y (float), {1} = x (float), {2} = w. TL_LOAD8(p): 8 floats from the weights at p
-_DENSE = _PRELUDE + """#define TL_LOAD8(p) %(load8)s
-const %(wt)s* restrict tl_w = (const %(wt)s*){2};
-const float* restrict tl_x = (const float*){1};
-for (int n = 0; n < %(N)d; n++) {
-  const %(wt)s* w = tl_w + (long)n * %(K)d;
+def _dot_row(row: str, wt: str, K: int, load8: str, result: str) -> str:
+  """C setting float `result` to (weight row at pointer `row`) · x (tl_x): four independent 8-wide accumulators,
+  then an 8-wide and a scalar tail, so any K works."""
+  ld = lambda off: load8.replace("ROW", f"w + k{off}")
+  return f"""float {result};
+  {{
+  const {wt}* w = {row};
   tl_f8 a0 = 0, a1 = 0, a2 = 0, a3 = 0;
   int k = 0;
-  for (; k + 32 <= %(K)d; k += 32) {
-    a0 += TL_LOAD8(w + k) * *(const tl_f8*)(tl_x + k);
-    a1 += TL_LOAD8(w + k + 8) * *(const tl_f8*)(tl_x + k + 8);
-    a2 += TL_LOAD8(w + k + 16) * *(const tl_f8*)(tl_x + k + 16);
-    a3 += TL_LOAD8(w + k + 24) * *(const tl_f8*)(tl_x + k + 24);
-  }
-  for (; k + 8 <= %(K)d; k += 8) a0 += TL_LOAD8(w + k) * *(const tl_f8*)(tl_x + k);
+  for (; k + 32 <= {K}; k += 32) {{
+    a0 += {ld("")} * *(const tl_f8*)(tl_x + k);
+    a1 += {ld(" + 8")} * *(const tl_f8*)(tl_x + k + 8);
+    a2 += {ld(" + 16")} * *(const tl_f8*)(tl_x + k + 16);
+    a3 += {ld(" + 24")} * *(const tl_f8*)(tl_x + k + 24);
+  }}
+  for (; k + 8 <= {K}; k += 8) a0 += {ld("")} * *(const tl_f8*)(tl_x + k);
   tl_f8 a = (a0 + a1) + (a2 + a3);
-  float s = %(hsum)s;
-  for (; k < %(K)d; k++) s += (float)w[k] * tl_x[k];
-  {0}[n] = s;
-}
-#undef TL_LOAD8"""
+  {result} = {_HSUM8};
+  for (; k < {K}; k++) {result} += (float)w[k] * tl_x[k];
+  }}
+"""
+
 
 # Q8_0: {2} = int8 values [N, K/32, 32], {3} = fp16 scales [N, K/32]; y[n] = sum_b d[n,b] * sum_j q[n,b,j] x[32b+j]
 _Q8_0 = _PRELUDE + """const signed char* restrict tl_q = (const signed char*){2};
@@ -96,7 +97,7 @@ for (int n = 0; n < %(N)d; n++) {
 
 _WEIGHT_C_TYPE = {dtypes.float32: "float", dtypes.float16: "__fp16"}
 # float32 weights are a plain vector load; float16 a vector conversion (one vcvtph2ps on x86)
-_LOAD8 = {dtypes.float32: "(*(const tl_f8*)(p))", dtypes.float16: "__builtin_convertvector(*(const tl_h8*)(p), tl_f8)"}
+_LOAD8 = {dtypes.float32: "(*(const tl_f8*)(ROW))", dtypes.float16: "__builtin_convertvector(*(const tl_h8*)(ROW), tl_f8)"}
 
 
 @functools.cache
@@ -123,10 +124,14 @@ def upcast_for_matmul(x: Tensor, weight_dtype: DType, device: str) -> bool:
 
 
 def _c_source(template: str, **consts) -> str:
-  """Fill a template: %(name)s constants, then double every brace that is C so str.format only sees {0}..{3}."""
-  src = template % {**consts, "hsum": _HSUM8}
+  """Fill a template's %(name)s constants; C braces are then doubled for str.format."""
+  return _braces_for_format(template % {**consts, "hsum": _HSUM8})
+
+
+def _braces_for_format(src: str) -> str:
+  """tinygrad renders a CUSTOM op with str.format: {0}, {1}, ... name its operands, every other brace is C."""
   src = src.replace("{", "{{").replace("}", "}}")
-  for i in range(4): src = src.replace("{{%d}}" % i, "{%d}" % i)
+  for i in range(8): src = src.replace("{{%d}}" % i, "{%d}" % i)
   return src
 
 
@@ -138,11 +143,41 @@ def _run(name: str, source: str, n_out: int, x: Tensor, *weights: Tensor) -> Ten
   return out.custom_kernel(x.reshape(-1).float(), *[w.reshape(-1) for w in weights], fxn=kernel)[0]
 
 
+def _dense_source(weights: list[Tensor], body: str) -> str:
+  """C for dense weights {2}, {3}, ...: typed pointers tl_w0, tl_w1, ..., x as tl_x, then `body`."""
+  wt = _WEIGHT_C_TYPE[weights[0].dtype]
+  ptrs = "".join(f"const {wt}* restrict tl_w{i} = (const {wt}*){{{i + 2}}};\n" for i in range(len(weights)))
+  return _braces_for_format(_PRELUDE + ptrs + "const float* restrict tl_x = (const float*){1};\n" + body)
+
+
+def _kind(weight: Tensor) -> str: return "f16" if weight.dtype == dtypes.float16 else "f32"
+
+
 def matvec(x: Tensor, weight: Tensor) -> Tensor:
   """x [..., K] (one row) @ weight[N, K].T → float32 [N]; weight float32 or float16."""
-  N, K = weight.shape
-  source = _c_source(_DENSE, wt=_WEIGHT_C_TYPE[weight.dtype], load8=_LOAD8[weight.dtype], N=N, K=K)
-  return _run(f"matvec_{'f16' if weight.dtype == dtypes.float16 else 'f32'}_{N}_{K}", source, N, x, weight)
+  return matvec_concat(x, [weight], name=f"matvec_{_kind(weight)}_{weight.shape[0]}_{weight.shape[1]}")
+
+
+def matvec_concat(x: Tensor, weights: list[Tensor], name: str | None = None) -> Tensor:
+  """[x @ w.T for w in weights] concatenated, in one kernel (the q, k and v projections of a layer)."""
+  K, wt, load8 = weights[0].shape[1], _WEIGHT_C_TYPE[weights[0].dtype], _LOAD8[weights[0].dtype]
+  body, offset = "", 0
+  for i, w in enumerate(weights):
+    N = w.shape[0]
+    body += f"for (int n = 0; n < {N}; n++) {{\n  {_dot_row(f'tl_w{i} + (long)n * {K}', wt, K, load8, 's')}" \
+            f"  {{0}}[{offset} + n] = s;\n}}\n"
+    offset += N
+  name = name or f"matvec{len(weights)}_{_kind(weights[0])}_{offset}_{K}"
+  return _run(name, _dense_source(weights, body), offset, x, *weights)
+
+
+def matvec_swiglu(x: Tensor, gate: Tensor, up: Tensor) -> Tensor:
+  """silu(x @ gate.T) * (x @ up.T) → float32 [N] in one kernel that streams both weights row by row."""
+  (N, K), wt, load8 = gate.shape, _WEIGHT_C_TYPE[gate.dtype], _LOAD8[gate.dtype]
+  body = f"for (int n = 0; n < {N}; n++) {{\n  {_dot_row(f'tl_w0 + (long)n * {K}', wt, K, load8, 'g')}" \
+         f"  {_dot_row(f'tl_w1 + (long)n * {K}', wt, K, load8, 'u')}" \
+         f"  {{0}}[n] = g / (1.0f + __builtin_expf(-g)) * u;\n}}\n"
+  return _run(f"swiglu_{_kind(gate)}_{N}_{K}", _dense_source([gate, up], body), N, x, gate, up)
 
 
 def matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:

@@ -100,9 +100,10 @@ class Attention:
     is added to the scores of each key column (a large negative value hides the left padding of a batch)."""
     B, T, _ = x.shape
     H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
-    q = _grad_boundary(apply_rope(self.wq(x).reshape(B, T, H, D), cos, sin))
-    k = _grad_boundary(apply_rope(self.wk(x).reshape(B, T, KV, D), cos, sin))
-    v = self.wv(x).reshape(B, T, KV, D)
+    xq, xk, xv = self.project_qkv(x)
+    q = _grad_boundary(apply_rope(xq.reshape(B, T, H, D), cos, sin))
+    k = _grad_boundary(apply_rope(xk.reshape(B, T, KV, D), cos, sin))
+    v = xv.reshape(B, T, KV, D)
     if cache is None:
       keys, values = k.transpose(1, 2).unsqueeze(2), v.transpose(1, 2).unsqueeze(2)
     else:
@@ -124,13 +125,28 @@ class Attention:
     return self.wo(out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
 
 
+  def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    projections = (self.wq, self.wk, self.wv)
+    w = [p.weight for p in projections]
+    if all(type(p) is Linear for p in projections) and cpu_kernels.usable(x, w[0].dtype, w[0].device):
+      qkv = cpu_kernels.matvec_concat(x, w).cast(x.dtype)   # one kernel for the three projections
+      splits = [0, w[0].shape[0], w[0].shape[0] + w[1].shape[0], qkv.shape[0]]
+      return tuple(qkv[a:b].reshape(*x.shape[:-1], b - a) for a, b in zip(splits, splits[1:]))
+    return self.wq(x), self.wk(x), self.wv(x)
+
+
 class FeedForward:
   def __init__(self, args: ModelArgs, dtype: DType, device: str):
     self.w1 = Linear(args.dim, args.hidden_dim, dtype, device)   # gate
     self.w2 = Linear(args.hidden_dim, args.dim, dtype, device)   # down
     self.w3 = Linear(args.dim, args.hidden_dim, dtype, device)   # up
 
-  def __call__(self, x: Tensor) -> Tensor: return self.w2(_silu(self.w1(x)) * self.w3(x))
+  def __call__(self, x: Tensor) -> Tensor:
+    gate, up = self.w1.weight, self.w3.weight
+    if type(self.w1) is Linear and type(self.w3) is Linear and cpu_kernels.usable(x, gate.dtype, gate.device):
+      # one kernel for gate, up and SwiGLU
+      return self.w2(cpu_kernels.matvec_swiglu(x, gate, up).reshape(*x.shape[:-1], gate.shape[0]).cast(x.dtype))
+    return self.w2(_silu(self.w1(x)) * self.w3(x))
 
 
 def _silu(x: Tensor) -> Tensor:
