@@ -127,8 +127,8 @@ class Attention:
 
   def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     projections = (self.wq, self.wk, self.wv)
-    w = [p.weight for p in projections]
-    if all(type(p) is Linear for p in projections) and cpu_kernels.usable(x, w[0].dtype, w[0].device):
+    w = [p.weight for p in projections if type(p) is Linear]   # plain float layers (not LoRA, not quantized)
+    if len(w) == 3 and cpu_kernels.usable(x, w[0].dtype, w[0].device):
       qkv = cpu_kernels.matvec_concat(x, w).cast(x.dtype)   # one kernel for the three projections
       splits = [0, w[0].shape[0], w[0].shape[0] + w[1].shape[0], qkv.shape[0]]
       return tuple(qkv[a:b].reshape(*x.shape[:-1], b - a) for a, b in zip(splits, splits[1:]))
@@ -142,9 +142,8 @@ class FeedForward:
     self.w3 = Linear(args.dim, args.hidden_dim, dtype, device)   # up
 
   def __call__(self, x: Tensor) -> Tensor:
-    gate, up = self.w1.weight, self.w3.weight
-    if type(self.w1) is Linear and type(self.w3) is Linear and cpu_kernels.usable(x, gate.dtype, gate.device):
-      # one kernel for gate, up and SwiGLU
+    if type(self.w1) is Linear and type(self.w3) is Linear and cpu_kernels.usable(x, self.w1.weight.dtype, x.device):
+      gate, up = self.w1.weight, self.w3.weight   # one kernel for gate, up and SwiGLU
       return self.w2(cpu_kernels.matvec_swiglu(x, gate, up).reshape(*x.shape[:-1], gate.shape[0]).cast(x.dtype))
     return self.w2(_silu(self.w1(x)) * self.w3(x))
 
