@@ -213,6 +213,20 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--json", help="also write results as JSON to this file ('-' for stdout only)")
 
 
+def _bench_in_subprocess(a: argparse.Namespace, model: str, device: str | None, dtype: str,
+                         quantize: str | None) -> BenchResult:
+  """One combination in a fresh process: its peak memory is its own and no model's buffers outlive its run."""
+  import subprocess
+  cmd = [sys.executable, "-m", "tinyllama2.cli", "bench", "--model", model, "--dtype", dtype, "--quantize",
+         quantize or "none", "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens), "--beam",
+         str(a.beam), "--json", "-"] + (["--device", device] if device else []) + \
+        (["--tokenizer", a.tokenizer] if a.tokenizer else []) + (["--profile"] if a.profile else [])
+  run = subprocess.run(cmd, capture_output=True, text=True)
+  if run.returncode != 0: raise RuntimeError(f"bench of {model} {dtype} {quantize or ''} failed:\n{run.stderr[-2000:]}")
+  if a.profile: print(run.stdout[:run.stdout.index("[")], end="")
+  return BenchResult(**json.loads(run.stdout[run.stdout.index("["):])[0])
+
+
 def main(a: argparse.Namespace) -> list[BenchResult]:
   from tqdm import tqdm
   models = (a.model or []) + (a.shape or []) or ["stories15M"]
@@ -222,8 +236,10 @@ def main(a: argparse.Namespace) -> list[BenchResult]:
   combos = [(m, d, t, q) for m in models for d in devices for t in dtypes_ for q in quants]
   rows = []
   for m, d, t, q in tqdm(combos, desc="bench", file=sys.stderr, disable=len(combos) < 2):
-    rows.append(bench_one(m, d, t, a.prompt_len, a.new_tokens, bandwidth=bw, tokenizer=a.tokenizer, quantize=q,
-                          profile=a.profile, beam=a.beam))
+    if len(combos) == 1:
+      rows.append(bench_one(m, d, t, a.prompt_len, a.new_tokens, bandwidth=bw, tokenizer=a.tokenizer, quantize=q,
+                            profile=a.profile, beam=a.beam))
+    else: rows.append(_bench_in_subprocess(a, m, d, t, q))
   if a.json == "-": print(json.dumps([asdict(r) for r in rows], indent=2))
   else:
     print(format_table(rows))
