@@ -124,7 +124,6 @@ class Attention:
     out = probs.cast(x.dtype) @ values                                   # [B, KV, G, T, D]
     return self.wo(out.reshape(B, H, T, D).transpose(1, 2).reshape(B, T, H * D))
 
-
   def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     projections = (self.wq, self.wk, self.wv)
     w = [p.weight for p in projections if type(p) is Linear]   # plain float layers (not LoRA, not quantized)
