@@ -38,6 +38,7 @@ class BenchResult:
   bandwidth_gb_s: float
   decode_frac_of_bw: float
   kernels_per_token: int
+  threads: int = 1                 # threads per CPU decode kernel (cpu_threads.py)
 
 
 def measure_read_bandwidth(n_bytes: int = 1 << 30, threads: int | None = None, repeats: int = 3) -> float:
@@ -136,8 +137,10 @@ def format_profile(rows: list[tuple[str, float, float]], top: int = 15) -> str:
 
 def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128, new_tokens: int = 128,
               bandwidth: float | None = None, tokenizer: str | None = None, quantize: str | None = None,
-              profile: bool = False, beam: int = 0) -> BenchResult:
+              profile: bool = False, beam: int = 0, threads: int | None = None) -> BenchResult:
   from tinygrad import GlobalCounters
+  from . import cpu_threads
+  if threads is not None: cpu_threads.set_threads(threads)
   llm = build_model(model, device, dtype, prompt_len + new_tokens + 1, tokenizer, quantize)
   m, dec = llm.model, llm.decoder
   dec.beam = beam
@@ -174,7 +177,8 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
                      weight_mb=weight_bytes / 1e6, prefill_tok_s=prefill, decode_tok_s=decode, ttft_cold_s=ttft_cold,
                      ttft_warm_s=ttft_warm, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                      device_mem_mb=GlobalCounters.mem_used / 1e6, bandwidth_gb_s=bw,
-                     decode_frac_of_bw=weight_bytes * decode / (bw * 1e9), kernels_per_token=kernels)
+                     decode_frac_of_bw=weight_bytes * decode / (bw * 1e9), kernels_per_token=kernels,
+                     threads=cpu_threads.config.threads if m.device.startswith("CPU") else 1)
 
 
 def tune(model: str, device: str | None, dtype: str, quantize: str | None, beam: int, tokenizer: str | None = None) -> None:
@@ -186,11 +190,11 @@ def tune(model: str, device: str | None, dtype: str, quantize: str | None, beam:
 
 
 def format_table(rows: list[BenchResult]) -> str:
-  head = ("model", "device", "dtype", "MB read/token", "prefill tok/s", "decode tok/s", "of bw", "TTFT cold s",
+  head = ("model", "device", "threads", "dtype", "MB read/token", "prefill tok/s", "decode tok/s", "of bw", "TTFT cold s",
           "TTFT warm s", "kernels/tok", "peak RSS MB")
   lines = [" | ".join(head), " | ".join("---" for _ in head)]
   for r in rows:
-    lines.append(" | ".join([r.model, r.device, r.dtype, f"{r.weight_mb:.1f}", f"{r.prefill_tok_s:.1f}",
+    lines.append(" | ".join([r.model, r.device, str(r.threads), r.dtype, f"{r.weight_mb:.1f}", f"{r.prefill_tok_s:.1f}",
                              f"{r.decode_tok_s:.1f}", f"{r.decode_frac_of_bw:.2f}", f"{r.ttft_cold_s:.2f}",
                              f"{r.ttft_warm_s:.3f}", str(r.kernels_per_token), f"{r.peak_rss_mb:.0f}"]))
   return "\n".join(lines)
@@ -210,17 +214,20 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                  "(per-kernel times need HCQ2=0 in the environment; bench/bench.py sets it)")
   p.add_argument("--beam", type=int, default=0,
                  help="compile decode with tinygrad BEAM search of this width (use after `tinyllama2 tune`)")
+  p.add_argument("--threads", type=int, action="append",
+                 help="threads per CPU decode kernel (repeatable, to compare; default: every core, at most 8)")
   p.add_argument("--json", help="also write results as JSON to this file ('-' for stdout only)")
 
 
 def _bench_in_subprocess(a: argparse.Namespace, model: str, device: str | None, dtype: str,
-                         quantize: str | None) -> BenchResult:
+                         quantize: str | None, threads: int | None) -> BenchResult:
   """One combination in a fresh process: its peak memory is its own and no model's buffers outlive its run."""
   import subprocess
   cmd = [sys.executable, "-m", "tinyllama2.cli", "bench", "--model", model, "--dtype", dtype, "--quantize",
          quantize or "none", "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens), "--beam",
          str(a.beam), "--json", "-"] + (["--device", device] if device else []) + \
-        (["--tokenizer", a.tokenizer] if a.tokenizer else []) + (["--profile"] if a.profile else [])
+        (["--tokenizer", a.tokenizer] if a.tokenizer else []) + (["--profile"] if a.profile else []) + \
+        (["--threads", str(threads)] if threads else [])
   run = subprocess.run(cmd, capture_output=True, text=True)
   if run.returncode != 0: raise RuntimeError(f"bench of {model} {dtype} {quantize or ''} failed:\n{run.stderr[-2000:]}")
   if a.profile: print(run.stdout[:run.stdout.index("[")], end="")
@@ -233,13 +240,13 @@ def main(a: argparse.Namespace) -> list[BenchResult]:
   devices, dtypes_ = a.device or [None], a.dtype or ["float32"]
   bw = measure_read_bandwidth()
   quants = [None if q == "none" else q for q in (a.quantize or ["none"])]
-  combos = [(m, d, t, q) for m in models for d in devices for t in dtypes_ for q in quants]
+  combos = [(m, d, t, q, n) for m in models for d in devices for t in dtypes_ for q in quants for n in a.threads or [None]]
   rows = []
-  for m, d, t, q in tqdm(combos, desc="bench", file=sys.stderr, disable=len(combos) < 2):
+  for m, d, t, q, n in tqdm(combos, desc="bench", file=sys.stderr, disable=len(combos) < 2):
     if len(combos) == 1:
       rows.append(bench_one(m, d, t, a.prompt_len, a.new_tokens, bandwidth=bw, tokenizer=a.tokenizer, quantize=q,
-                            profile=a.profile, beam=a.beam))
-    else: rows.append(_bench_in_subprocess(a, m, d, t, q))
+                            profile=a.profile, beam=a.beam, threads=n))
+    else: rows.append(_bench_in_subprocess(a, m, d, t, q, n))
   if a.json == "-": print(json.dumps([asdict(r) for r in rows], indent=2))
   else:
     print(format_table(rows))

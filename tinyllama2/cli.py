@@ -31,6 +31,7 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
   p.add_argument("--rope-scaling", help="override RoPE scaling: TYPE:FACTOR (linear, dynamic, llama3, yarn) or JSON")
   p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization (Q8_0 / Q4_0 blocks of 32)")
   p.add_argument("--beam", type=int, default=0, help="use decode kernels tuned by `tinyllama2 tune --beam N`")
+  p.add_argument("--threads", type=int, help="threads per CPU decode kernel (default: every core, at most 8)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +68,9 @@ def sampling_kwargs(a: argparse.Namespace) -> dict:
 
 
 def load_model(a: argparse.Namespace):
+  from . import cpu_threads
   from .llama import Llama
+  if getattr(a, "threads", None) is not None: cpu_threads.set_threads(a.threads)
   llm = Llama.from_pretrained(a.model, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
                               max_seq_len=a.max_seq_len, rope_scaling=parse_rope_scaling(a.rope_scaling),
                               quantize=getattr(a, "quantize", None), adapter=getattr(a, "adapter", None))

@@ -21,6 +21,8 @@ from tinygrad.dtype import DType
 from tinygrad.helpers import TRAINING
 from tinygrad.uop.ops import KernelInfo, Ops
 
+from . import cpu_threads
+
 QBLOCK = 32   # values per Q8_0 / Q4_0 block
 # weight bytes per value, by the kind in a kernel's name (matvec_<kind>_<rows>_<cols>)
 BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -56,11 +58,14 @@ def _dot_row(row: str, wt: str, K: int, load8: str, result: str) -> str:
 """
 
 
+# Each kernel is (declarations, rows): `rows` computes output rows [tl_lo, tl_hi), so the rows can be split
+# between threads (cpu_threads.py). Params: {0} = float32 output, {1} = float32 x, {2}... = weights.
+
 # Q8_0: {2} = int8 values [N, K/32, 32], {3} = fp16 scales [N, K/32]; y[n] = sum_b d[n,b] * sum_j q[n,b,j] x[32b+j]
-_Q8_0 = _PRELUDE + """const signed char* restrict tl_q = (const signed char*){2};
+_Q8_0 = """const signed char* restrict tl_q = (const signed char*){2};
 const __fp16* restrict tl_d = (const __fp16*){3};
 const float* restrict tl_x = (const float*){1};
-for (int n = 0; n < %(N)d; n++) {
+""", """for (int n = tl_lo; n < tl_hi; n++) {
   tl_f8 a0 = 0, a1 = 0;
   for (int b = 0; b < %(NB)d; b++) {
     const signed char* q = tl_q + ((long)n * %(NB)d + b) * 32;
@@ -78,10 +83,10 @@ for (int n = 0; n < %(N)d; n++) {
 
 # Q4_0: {2} = bytes [N, K/32, 16] (value j in the low nibble of byte j, value j+16 in the high nibble), {3} = fp16
 # scales; a weight is (nibble - 8) * d
-_Q4_0 = _PRELUDE + """const unsigned char* restrict tl_q = (const unsigned char*){2};
+_Q4_0 = """const unsigned char* restrict tl_q = (const unsigned char*){2};
 const __fp16* restrict tl_d = (const __fp16*){3};
 const float* restrict tl_x = (const float*){1};
-for (int n = 0; n < %(N)d; n++) {
+""", """for (int n = tl_lo; n < tl_hi; n++) {
   tl_f16 acc = 0;
   for (int b = 0; b < %(NB)d; b++) {
     tl_u8x16 p = *(const tl_u8x16*)(tl_q + ((long)n * %(NB)d + b) * 16);
@@ -123,11 +128,6 @@ def upcast_for_matmul(x: Tensor, weight_dtype: DType, device: str) -> bool:
   return weight_dtype != dtypes.float32 and not TRAINING and isinstance(device, str) and available(device)
 
 
-def _c_source(template: str, **consts) -> str:
-  """Fill a template's %(name)s constants; C braces are then doubled for str.format."""
-  return _braces_for_format(template % {**consts, "hsum": _HSUM8})
-
-
 def _braces_for_format(src: str) -> str:
   """tinygrad renders a CUSTOM op with str.format: {0}, {1}, ... name its operands, every other brace is C."""
   src = src.replace("{", "{{").replace("}", "}}")
@@ -135,19 +135,33 @@ def _braces_for_format(src: str) -> str:
   return src
 
 
-def _run(name: str, source: str, n_out: int, x: Tensor, *weights: Tensor) -> Tensor:
+def _rows_per_chunk(n_rows: int, row_bytes: float, threads: int) -> int:
+  """Rows per work chunk: ~16 chunks per thread so they end together, but at least 16 KB of weights each."""
+  return max(-(-n_rows // (16 * threads)), -(-16384 // max(int(row_bytes), 1)), 1)
+
+
+def _run(name: str, declarations: str, rows: str, n_out: int, row_bytes: float, x: Tensor, *weights: Tensor) -> Tensor:
+  """One kernel computing n_out float32 outputs; its rows are shared with helper threads when the device has them."""
   if not available(x.device): raise ValueError(f"the C decode kernels need tinygrad's clang CPU backend, not {x.device}")
+  inputs = [x.reshape(-1).float(), *[w.reshape(-1) for w in weights]]
+  if (pool := cpu_threads.pool(x.device)) is not None:
+    chunk = _rows_per_chunk(n_out, row_bytes, cpu_threads.config.threads)
+    body = cpu_threads.parallel_rows(name, n_out, chunk, len(inputs) + 2, rows)
+    inputs.append(pool.mailbox)
+  else:
+    body = f"int tl_lo = 0, tl_hi = {n_out};\n{rows}"
+  source = _braces_for_format(_PRELUDE + declarations + body)
   def kernel(*params: UOp) -> UOp:
     return UOp(Ops.CUSTOM, dtypes.void, src=params, arg=source).sink(arg=KernelInfo(name=name, opts_to_apply=()))
   out = Tensor.empty(n_out, dtype=dtypes.float32, device=x.device)
-  return out.custom_kernel(x.reshape(-1).float(), *[w.reshape(-1) for w in weights], fxn=kernel)[0]
+  return out.custom_kernel(*inputs, fxn=kernel)[0]
 
 
-def _dense_source(weights: list[Tensor], body: str) -> str:
-  """C for dense weights {2}, {3}, ...: typed pointers tl_w0, tl_w1, ..., x as tl_x, then `body`."""
+def _dense_declarations(weights: list[Tensor]) -> str:
+  """Typed pointers tl_w0, tl_w1, ... to the dense weights {2}, {3}, ... and x as tl_x."""
   wt = _WEIGHT_C_TYPE[weights[0].dtype]
   ptrs = "".join(f"const {wt}* restrict tl_w{i} = (const {wt}*){{{i + 2}}};\n" for i in range(len(weights)))
-  return _braces_for_format(_PRELUDE + ptrs + "const float* restrict tl_x = (const float*){1};\n" + body)
+  return ptrs + "const float* restrict tl_x = (const float*){1};\n"
 
 
 def _kind(weight: Tensor) -> str: return "f16" if weight.dtype == dtypes.float16 else "f32"
@@ -161,32 +175,37 @@ def matvec(x: Tensor, weight: Tensor) -> Tensor:
 def matvec_concat(x: Tensor, weights: list[Tensor], name: str | None = None) -> Tensor:
   """[x @ w.T for w in weights] concatenated, in one kernel (the q, k and v projections of a layer)."""
   K, wt, load8 = weights[0].shape[1], _WEIGHT_C_TYPE[weights[0].dtype], _LOAD8[weights[0].dtype]
-  body, offset = "", 0
-  for i, w in enumerate(weights):
+  rows, offset = "", 0
+  for i, w in enumerate(weights):   # output rows [offset, offset + N) come from weight i
     N = w.shape[0]
-    body += f"for (int n = 0; n < {N}; n++) {{\n  {_dot_row(f'tl_w{i} + (long)n * {K}', wt, K, load8, 's')}" \
-            f"  {{0}}[{offset} + n] = s;\n}}\n"
+    rows += f"for (int n = (tl_lo > {offset} ? tl_lo : {offset}); n < (tl_hi < {offset + N} ? tl_hi : {offset + N}); n++) {{\n" \
+            f"  {_dot_row(f'tl_w{i} + (long)(n - {offset}) * {K}', wt, K, load8, 's')}  {{0}}[n] = s;\n}}\n"
     offset += N
   name = name or f"matvec{len(weights)}_{_kind(weights[0])}_{offset}_{K}"
-  return _run(name, _dense_source(weights, body), offset, x, *weights)
+  return _run(name, _dense_declarations(weights), rows, offset, K * weights[0].dtype.itemsize, x, *weights)
 
 
 def matvec_swiglu(x: Tensor, gate: Tensor, up: Tensor) -> Tensor:
   """silu(x @ gate.T) * (x @ up.T) → float32 [N] in one kernel that streams both weights row by row."""
   (N, K), wt, load8 = gate.shape, _WEIGHT_C_TYPE[gate.dtype], _LOAD8[gate.dtype]
-  body = f"for (int n = 0; n < {N}; n++) {{\n  {_dot_row(f'tl_w0 + (long)n * {K}', wt, K, load8, 'g')}" \
+  rows = f"for (int n = tl_lo; n < tl_hi; n++) {{\n  {_dot_row(f'tl_w0 + (long)n * {K}', wt, K, load8, 'g')}" \
          f"  {_dot_row(f'tl_w1 + (long)n * {K}', wt, K, load8, 'u')}" \
          f"  {{0}}[n] = g / (1.0f + __builtin_expf(-g)) * u;\n}}\n"
-  return _run(f"swiglu_{_kind(gate)}_{N}_{K}", _dense_source([gate, up], body), N, x, gate, up)
+  return _run(f"swiglu_{_kind(gate)}_{N}_{K}", _dense_declarations([gate, up]), rows, N, 2 * K * gate.dtype.itemsize,
+              x, gate, up)
+
+
+def _quantized(kind: str, template: tuple[str, str], x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
+  N, NB = scale.shape
+  rows = template[1] % {"NB": NB, "hsum": _HSUM8}
+  return _run(f"matvec_{kind}_{N}_{NB * QBLOCK}", template[0], rows, N, NB * QBLOCK * BYTES_PER_WEIGHT[kind], x, packed, scale)
 
 
 def matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
   """x [..., K] (one row) against Q8_0 blocks: packed int8 [N, K/32, 32], scale fp16 [N, K/32] → float32 [N]."""
-  N, NB = scale.shape
-  return _run(f"matvec_q8_0_{N}_{NB * QBLOCK}", _c_source(_Q8_0, N=N, NB=NB), N, x, packed, scale)
+  return _quantized("q8_0", _Q8_0, x, packed, scale)
 
 
 def matvec_q4_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
   """x [..., K] (one row) against Q4_0 blocks: packed uint8 [N, K/32, 16], scale fp16 [N, K/32] → float32 [N]."""
-  N, NB = scale.shape
-  return _run(f"matvec_q4_0_{N}_{NB * QBLOCK}", _c_source(_Q4_0, N=N, NB=NB), N, x, packed, scale)
+  return _quantized("q4_0", _Q4_0, x, packed, scale)

@@ -1,0 +1,90 @@
+"""CPU decode kernels that share their rows with helper threads: results against numpy, helpers really join,
+and one thread and two threads agree (each in a fresh process, since the thread count is fixed at first use)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinygrad import Tensor, TinyJit, dtypes
+from tinyllama2 import cpu_kernels, cpu_threads
+from tinyllama2.model import resolve_device
+from tinyllama2.quantize import QuantLinear
+
+DEV = resolve_device(None)
+pytestmark = pytest.mark.skipif(not (cpu_kernels.available(DEV) and cpu_threads.supported()),
+                                reason="helper threads need tinygrad's clang CPU backend on x86-64")
+
+
+def _x_w(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return rng.standard_normal(k).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+
+
+def test_rows_are_split_into_chunks_of_at_least_16_kb():
+  assert cpu_kernels._rows_per_chunk(4096, 4096 * 4, 2) == 128           # 32 chunks for two threads
+  assert cpu_kernels._rows_per_chunk(300, 288 * 4, 2) == 15              # 16 KB / 1152 B rows
+  assert cpu_kernels._rows_per_chunk(3, 8, 4) == 2048                    # a tiny matrix is one chunk
+
+
+@pytest.mark.skipif(cpu_threads.config.threads < 2, reason="this machine has one core: no helper threads")
+def test_every_kernel_kind_with_helpers_matches_numpy_call_after_call():
+  x, w = _x_w(1000, 288, seed=3)
+  _, w2 = _x_w(1000, 288, seed=4)
+  wt, w2t = Tensor(w, device=DEV).realize(), Tensor(w2, device=DEV).realize()
+  wh = wt.cast(dtypes.float16).contiguous().realize()
+  q8, q4 = QuantLinear.from_float(wt, "int8"), QuantLinear.from_float(wt, "int4")
+  qkv = [wt[:500].contiguous().realize(), wt[500:800].contiguous().realize(), wt[800:].contiguous().realize()]
+
+  @TinyJit
+  def step(xt: Tensor) -> list[Tensor]:
+    return [t.realize() for t in (cpu_kernels.matvec(xt, wt), cpu_kernels.matvec(xt, wh), cpu_kernels.matvec_concat(xt, qkv),
+                                  cpu_kernels.matvec_swiglu(xt, wt, w2t), q8(xt.reshape(1, 288)), q4(xt.reshape(1, 288)))]
+
+  x64, w2_64 = x.astype(np.float64), w2.astype(np.float64)
+  g, g_half = w.astype(np.float64) @ x64, wh.float().numpy().astype(np.float64) @ x64
+  pool = cpu_threads.pool(DEV)
+  assert pool is not None and len(pool.helpers) == cpu_threads.config.threads - 1
+  joined = pool.kernels_joined()
+  for i in range(12):   # a captured graph replayed: helpers join kernels that follow each other closely
+    xi = Tensor(x * (i + 1), device=DEV).reshape(1, 288).realize()
+    outs = [o.numpy().reshape(-1) for o in step(xi)]
+    np.testing.assert_allclose(outs[0], g * (i + 1), rtol=1e-4, atol=1e-3 * (i + 1))
+    np.testing.assert_allclose(outs[1], g_half * (i + 1), rtol=1e-4, atol=1e-3 * (i + 1))
+    np.testing.assert_allclose(outs[2], g * (i + 1), rtol=1e-4, atol=1e-3 * (i + 1))
+    gi = g * (i + 1)
+    np.testing.assert_allclose(outs[3], gi / (1 + np.exp(-gi)) * (w2_64 @ x64) * (i + 1), rtol=1e-4, atol=1e-2 * (i + 1))
+    for q, out in ((q8, outs[4]), (q4, outs[5])):
+      deq = q.dequantize(dtypes.float32).numpy().astype(np.float64)
+      np.testing.assert_allclose(out, deq @ (x64 * (i + 1)), rtol=1e-4, atol=1e-3 * (i + 1))
+  assert pool.kernels_joined() > joined, "no helper thread ever worked on a kernel"
+
+
+_ONE_PROCESS = """
+import json, sys
+import numpy as np
+from tinygrad import Tensor
+from tinyllama2 import cpu_kernels, cpu_threads
+cpu_threads.set_threads(int(sys.argv[1]))
+rng = np.random.default_rng(5)
+x, w = rng.standard_normal(256).astype(np.float32), rng.standard_normal((700, 256)).astype(np.float32)
+y = cpu_kernels.matvec(Tensor(x, device="CPU"), Tensor(w, device="CPU").realize()).numpy()
+print(json.dumps({"threads": cpu_threads.config.threads, "pool": cpu_threads.pool("CPU") is not None,
+                  "err": float(np.abs(y - w.astype(np.float64) @ x).max())}))
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_and_two_threads_in_fresh_processes(threads):
+  run = subprocess.run([sys.executable, "-c", _ONE_PROCESS, str(threads)], capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  got = json.loads(run.stdout.strip().splitlines()[-1])
+  assert got == {"threads": threads, "pool": threads > 1, "err": pytest.approx(0, abs=1e-3)}
+
+
+def test_thread_count_is_checked():
+  with pytest.raises(ValueError, match="at least 1"): cpu_threads.set_threads(0)
+  cpu_threads.pool(DEV)   # started: changing the count now would leave compiled kernels behind
+  other = 1 if cpu_threads.config.threads != 1 else 2
+  with pytest.raises(RuntimeError, match="before loading a model"): cpu_threads.set_threads(other)
