@@ -20,10 +20,10 @@ import hashlib
 import os
 import platform
 import subprocess
-import tempfile
 import threading
 import time
 import types
+import warnings
 from dataclasses import dataclass
 
 from tinygrad import Device, Tensor, dtypes
@@ -127,10 +127,13 @@ def _defines() -> str:
 
 @functools.cache
 def _helper_library() -> ctypes.CDLL:
-  """Compile the helper loop with clang (tinygrad's CPU backend needs it anyway), cached by source hash."""
+  """Compile the helper loop with clang (tinygrad's CPU backend needs it anyway), cached by source hash in the
+  user's cache directory."""
   source = _defines() + _HELPER_C
   digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-  path = os.path.join(tempfile.gettempdir(), f"tinyllama2-cpu-helper-{digest}.so")
+  cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tinyllama2")
+  os.makedirs(cache, mode=0o700, exist_ok=True)   # the user's own cache, not a shared temporary directory
+  path = os.path.join(cache, f"cpu-helper-{digest}.so")
   if not os.path.exists(path):
     partial = f"{path}.{os.getpid()}.tmp"
     cc = os.environ.get("CC", "clang")
@@ -160,10 +163,13 @@ def _napping_wait(self, signal, value: int, timeout: int | None = None) -> None:
 def pool(device: str) -> Pool | None:
   """The helpers of a CPU device, started on first use; None when kernels there run on one thread."""
   if config.threads < 2 or not supported(): return None
+  try: lib = _helper_library()
+  except (OSError, RuntimeError) as e:
+    warnings.warn(f"CPU decode kernels stay on one thread: {e}", stacklevel=2)
+    return None
   memory = (ctypes.c_uint64 * (MAILBOX_WORDS + 8))()
   address = (ctypes.addressof(memory) + 63) // 64 * 64
   mailbox = Tensor.from_blob(address, (MAILBOX_WORDS,), dtype=dtypes.uint64, device=device)
-  lib = _helper_library()
   helpers = [threading.Thread(target=lib.tl_helper, args=(address, config.spin_ns), daemon=True, name=f"tinyllama2-cpu-{i}")
              for i in range(1, config.threads)]
   for h in helpers: h.start()
