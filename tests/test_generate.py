@@ -64,3 +64,19 @@ def test_eos_stops_with_reason_stop(stories):
   eos_at = g.tokens[10]
   g2 = stories.generate("Lily was", max_new_tokens=60, eos_token_id=eos_at)
   assert g2.finish_reason == "stop" and g2.tokens == g.tokens[:g.tokens.index(eos_at)]
+
+
+def test_to_numpy_reads_buffers_views_and_other_dtypes_like_numpy():
+  from tinygrad import Tensor
+  from tinyllama2.generate import to_numpy
+  from tinyllama2.model import resolve_device
+  a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+  t = Tensor(a, device=resolve_device(None)).contiguous().realize()
+  for view, ref in ((t, a), (t.reshape(6, 4), a.reshape(6, 4)), (t.permute(2, 0, 1), a.transpose(2, 0, 1)),
+                    (t[1], a[1]), (t[:, 1:, ::2], a[:, 1:, ::2]), (t.cast("int32"), a.astype(np.int32))):
+    got = to_numpy(view)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    np.testing.assert_array_equal(got, ref)
+  got = to_numpy(t)
+  got[0, 0, 0] = -1   # a copy: the tensor keeps its value
+  assert t.numpy()[0, 0, 0] == 0
