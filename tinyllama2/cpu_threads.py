@@ -60,7 +60,7 @@ void tl_helper(u64* mb, u64 spin_ns) {
       for (int i = 0; i < 32; i++) tl_pause();
       u64 idle = tl_now_ns() - last;
       if (idle > spin_ns) {
-        struct timespec nap = {0, idle > 100 * spin_ns ? 500000 : 50000};
+        struct timespec nap = {0, idle > 100 * spin_ns ? 5000000 : 50000};   /* long idle (a chat waiting for input): 5 ms naps */
         nanosleep(&nap, 0);
       }
       continue;
