@@ -44,6 +44,7 @@ def test_every_kernel_kind_with_helpers_matches_numpy_call_after_call():
 
   x64, w2_64 = x.astype(np.float64), w2.astype(np.float64)
   g, g_half = w.astype(np.float64) @ x64, wh.float().numpy().astype(np.float64) @ x64
+  q8_w, q4_w = (q.dequantize(dtypes.float32).numpy().astype(np.float64) for q in (q8, q4))
   pool = cpu_threads.pool(DEV)
   assert pool is not None and len(pool.helpers) == cpu_threads.config.threads - 1
   joined = pool.kernels_joined()
@@ -55,8 +56,7 @@ def test_every_kernel_kind_with_helpers_matches_numpy_call_after_call():
     np.testing.assert_allclose(outs[2], g * (i + 1), rtol=1e-4, atol=1e-3 * (i + 1))
     gi = g * (i + 1)
     np.testing.assert_allclose(outs[3], gi / (1 + np.exp(-gi)) * (w2_64 @ x64) * (i + 1), rtol=1e-4, atol=1e-2 * (i + 1))
-    for q, out in ((q8, outs[4]), (q4, outs[5])):
-      deq = q.dequantize(dtypes.float32).numpy().astype(np.float64)
+    for deq, out in ((q8_w, outs[4]), (q4_w, outs[5])):
       np.testing.assert_allclose(out, deq @ (x64 * (i + 1)), rtol=1e-4, atol=1e-3 * (i + 1))
   assert pool.kernels_joined() > joined, "no helper thread ever worked on a kernel"
 

@@ -105,12 +105,12 @@ class Pool:
   device: str
   mailbox: Tensor            # uint64 [MAILBOX_WORDS], a tinygrad view of private memory
   memory: ctypes.Array       # keeps the mailbox memory alive
-  offset: int                # index of the mailbox's first word in `memory` (64-byte aligned)
+  address: int               # the mailbox's first word (64-byte aligned, inside `memory`)
   helpers: list[threading.Thread]
 
   def kernels_joined(self) -> int:
     """How many kernel calls a helper has worked on so far (the helpers count them in the mailbox)."""
-    return int(self.memory[self.offset + JOINED])
+    return ctypes.c_uint64.from_address(self.address + 8 * JOINED).value
 
 
 def supported() -> bool:
@@ -175,7 +175,7 @@ def pool(device: str) -> Pool | None:
   for h in helpers: h.start()
   dev = Device[device]
   if hasattr(dev, "_wait_signal"): dev._wait_signal = types.MethodType(_napping_wait, dev)
-  return Pool(device, mailbox, memory, (address - ctypes.addressof(memory)) // 8, helpers)
+  return Pool(device, mailbox, memory, address, helpers)
 
 
 def parallel_rows(name: str, n_rows: int, rows_per_chunk: int, n_params: int, rows: str) -> str:
