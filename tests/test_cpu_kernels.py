@@ -1,4 +1,5 @@
-"""The CPU decode kernels against numpy: dense fp32/fp16 and Q8_0/Q4_0 blocks decoded from their raw bytes."""
+"""The CPU kernels against numpy: one-row (decode) and several-row (prefill) products with dense fp32/fp16
+weights and Q8_0/Q4_0 blocks decoded from their raw bytes."""
 import numpy as np
 import pytest
 
@@ -49,17 +50,43 @@ def test_block_matvec_matches_numpy_dequantize_then_matmul(mode, kernel, dequant
 
 
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
-def test_layers_use_the_kernel_for_one_row_and_agree_with_the_generic_matmul(mode):
+def test_layers_use_the_kernels_for_one_and_several_rows_and_match_numpy(mode):
   x, w = _x_w(16, 64, seed=2)
   layer = Linear.wrap(Tensor(w, device=DEV).contiguous().realize()) if mode is None \
     else QuantLinear.from_float(Tensor(w, device=DEV), mode)
+  w_np = w.astype(np.float64) if mode is None else \
+    (_np_dequant_q8_0 if mode == "int8" else _np_dequant_q4_0)(layer.packed.numpy(), layer.scale.numpy())
   one = Tensor(x, device=DEV).reshape(1, 1, 64)
-  two = Tensor(np.stack([x, x]), device=DEV).reshape(2, 1, 64)               # two rows: the generic matmul
-  assert cpu_kernels.usable(one, dtypes.float32 if mode is None else layer.packed.dtype, one.device)
-  assert not cpu_kernels.usable(two, dtypes.float32, two.device)
-  y1, y2 = layer(one).numpy(), layer(two).numpy()
-  assert y1.shape == (1, 1, 16) and y2.shape == (2, 1, 16)
-  np.testing.assert_allclose(y1[0, 0], y2[0, 0], rtol=1e-5, atol=1e-5)
+  xs = np.stack([x, -x, 2 * x])
+  three = Tensor(xs, device=DEV).reshape(3, 1, 64)
+  w_dtype = dtypes.float32 if mode is None else layer.packed.dtype
+  assert cpu_kernels.usable(one, w_dtype, one.device) and not cpu_kernels.usable(three, w_dtype, three.device)
+  assert cpu_kernels.matmul_usable(three, w_dtype, three.device)
+  y1, y3 = layer(one).numpy(), layer(three).numpy()
+  assert y1.shape == (1, 1, 16) and y3.shape == (3, 1, 16)
+  np.testing.assert_allclose(y1[0, 0], w_np @ x, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(y3[:, 0], xs.astype(np.float64) @ w_np.T, rtol=1e-5, atol=1e-4)
+
+
+# rows of x: a multiple of the 4-row tile and not; weight rows: a multiple of 3 and not; K with tails of 8
+@pytest.mark.parametrize("m,n,k", [(8, 12, 64), (7, 13, 64), (2, 5, 37), (9, 1, 8), (5, 4, 3)])
+@pytest.mark.parametrize("dtype", [dtypes.float32, dtypes.float16])
+def test_dense_matmul_matches_numpy(m, n, k, dtype):
+  rng = np.random.default_rng(m * 100 + n)
+  x, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+  w_t = Tensor(w, device=DEV).cast(dtype).contiguous().realize()
+  got = cpu_kernels.matmul(Tensor(x, device=DEV), w_t).numpy()
+  np.testing.assert_allclose(got, x.astype(np.float64) @ w_t.float().numpy().astype(np.float64).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,kind,dequant", [("int8", "q8_0", _np_dequant_q8_0), ("int4", "q4_0", _np_dequant_q4_0)])
+def test_block_matmul_matches_numpy_dequantize_then_matmul(mode, kind, dequant):
+  rng = np.random.default_rng(6)
+  x, w = rng.standard_normal((2, 3, 96)).astype(np.float32), rng.standard_normal((11, 96)).astype(np.float32)
+  q = QuantLinear.from_float(Tensor(w, device=DEV), mode)
+  got = cpu_kernels.matmul(Tensor(x, device=DEV), q.packed, q.scale, kind).numpy()
+  assert got.shape == (2, 3, 11)
+  np.testing.assert_allclose(got, x.astype(np.float64) @ dequant(q.packed.numpy(), q.scale.numpy()).T, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [dtypes.float32, dtypes.float16])
@@ -75,3 +102,58 @@ def test_fused_qkv_and_swiglu_kernels_match_numpy(dtype):
   gate, up = w64[1] @ x, w64[2] @ x
   np.testing.assert_allclose(cpu_kernels.matvec_swiglu(xt, ws[1], ws[2]).numpy(), gate / (1 + np.exp(-gate)) * up,
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [dtypes.float32, dtypes.float16])
+def test_several_row_swiglu_kernel_matches_numpy(dtype):
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((6, 40)).astype(np.float32)   # a 4-row tile and 2 single rows; 10 = 3 + 3 + 3 + 1 outputs
+  gate, up = (Tensor(rng.standard_normal((10, 40)).astype(np.float32), device=DEV).cast(dtype).contiguous().realize()
+              for _ in range(2))
+  g, u = (x.astype(np.float64) @ w.float().numpy().astype(np.float64).T for w in (gate, up))
+  got = cpu_kernels.matmul_swiglu(Tensor(x, device=DEV), gate, up).numpy()
+  np.testing.assert_allclose(got, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-5)
+
+
+def _np_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, bias: np.ndarray) -> np.ndarray:
+  """Causal attention in float64: query t of q [B, T, H, D] sees keys 0..start+t of k, v [B, KV, L, D]."""
+  B, T, H, D = q.shape
+  out = np.zeros(q.shape)
+  for b in range(B):
+    for t in range(T):
+      for h in range(H):
+        kv = h // (H // k.shape[1])
+        keys, vals = k[b, kv, :start + t + 1], v[b, kv, :start + t + 1]
+        s = keys @ q[b, t, h] / np.sqrt(D) + bias[b, :start + t + 1]
+        p = np.exp(s - s.max())
+        out[b, t, h] = p @ vals / p.sum()
+  return out
+
+
+@pytest.mark.parametrize("dtype", [dtypes.float32, dtypes.float16])
+@pytest.mark.parametrize("head_dim", [16, 6])   # 8-wide dot products, and the scalar ones
+def test_attention_kernel_matches_numpy_at_symbolic_positions(dtype, head_dim):
+  from tinygrad import TinyJit, Variable
+  rng = np.random.default_rng(8)
+  B, T, H, KV, L = 2, 3, 4, 2, 16
+  q = rng.standard_normal((B, T, H, head_dim)).astype(np.float32)
+  k_t, v_t = (Tensor(rng.standard_normal((B, KV, L, head_dim)).astype(np.float32), device=DEV).cast(dtype).contiguous().realize()
+              for _ in range(2))
+  k, v = (t.float().numpy().astype(np.float64) for t in (k_t, v_t))
+  bias = np.zeros((B, L), dtype=np.float32)
+  bias[1, :2] = -30.0   # row 1 hides its first two positions (finite: the float64 reference keeps every digit)
+  bias_t = Tensor(bias, device=DEV).realize()
+  pos = Variable("start_pos", 0, L - T)
+
+  @TinyJit
+  def step(qt: Tensor, new_k: Tensor, p: Variable) -> Tensor:
+    k_t[:, :, p:p + T].assign(new_k)   # as in the model: the cache is updated, then read
+    return cpu_kernels.attention(qt, k_t, v_t, p, bias_t).realize()
+
+  for start in (2, 5, 0, 13, 7):   # keys past start + t hold random values: reading them would show
+    new_k = rng.standard_normal((B, KV, T, head_dim)).astype(np.float32)
+    k[:, :, start:start + T] = new_k.astype(np.float16 if dtype == dtypes.float16 else np.float32)
+    got = step(Tensor(q * (start + 1), device=DEV), Tensor(new_k, device=DEV).cast(dtype), pos.bind(start)).numpy()
+    np.testing.assert_allclose(got, _np_attention(q.astype(np.float64) * (start + 1), k, v, start, bias), rtol=1e-4, atol=1e-5)
+  got = cpu_kernels.attention(Tensor(q, device=DEV), k_t, v_t, 4).numpy()   # a plain int position, no bias
+  np.testing.assert_allclose(got, _np_attention(q.astype(np.float64), k, v, 4, np.zeros((B, L))), rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""CPU decode kernels that share their rows with helper threads: results against numpy, helpers really join,
+"""CPU kernels that share their rows with helper threads: results against numpy, helpers really join,
 and one thread and two threads agree (each in a fresh process, since the thread count is fixed at first use)."""
 import json
 import subprocess
@@ -37,10 +37,15 @@ def test_every_kernel_kind_with_helpers_matches_numpy_call_after_call():
   q8, q4 = QuantLinear.from_float(wt, "int8"), QuantLinear.from_float(wt, "int4")
   qkv = [wt[:500].contiguous().realize(), wt[500:800].contiguous().realize(), wt[800:].contiguous().realize()]
 
+  row_scale = np.array([1.0, -2.0, 0.5, 3.0, 1.5], dtype=np.float32)
+  rows_of = Tensor(row_scale, device=DEV).reshape(5, 1)
+
   @TinyJit
   def step(xt: Tensor) -> list[Tensor]:
+    rows = xt.reshape(1, 288) * rows_of   # five rows: the prefill kernels
     return [t.realize() for t in (cpu_kernels.matvec(xt, wt), cpu_kernels.matvec(xt, wh), cpu_kernels.matvec_concat(xt, qkv),
-                                  cpu_kernels.matvec_swiglu(xt, wt, w2t), q8(xt.reshape(1, 288)), q4(xt.reshape(1, 288)))]
+                                  cpu_kernels.matvec_swiglu(xt, wt, w2t), q8(xt.reshape(1, 288)), q4(xt.reshape(1, 288)),
+                                  cpu_kernels.matmul(rows, wh), q4(rows))]
 
   x64, w2_64 = x.astype(np.float64), w2.astype(np.float64)
   g, g_half = w.astype(np.float64) @ x64, wh.float().numpy().astype(np.float64) @ x64
@@ -58,6 +63,8 @@ def test_every_kernel_kind_with_helpers_matches_numpy_call_after_call():
     np.testing.assert_allclose(outs[3], gi / (1 + np.exp(-gi)) * (w2_64 @ x64) * (i + 1), rtol=1e-4, atol=1e-2 * (i + 1))
     for deq, out in ((q8_w, outs[4]), (q4_w, outs[5])):
       np.testing.assert_allclose(out, deq @ (x64 * (i + 1)), rtol=1e-4, atol=1e-3 * (i + 1))
+    for deq, out in ((g_half, outs[6]), (q4_w @ x64, outs[7])):
+      np.testing.assert_allclose(out.reshape(5, 1000), np.outer(row_scale, deq) * (i + 1), rtol=1e-4, atol=3e-3 * (i + 1))
   assert pool.kernels_joined() > joined, "no helper thread ever worked on a kernel"
 
 

@@ -101,7 +101,8 @@ def test_merge_equals_running_with_the_adapter():
   np.testing.assert_allclose(logits(m, IDS), unmerged, atol=1e-5)
   lora.merge(m)
   assert not lora.lora_layers(m)
-  np.testing.assert_allclose(logits(m, IDS), unmerged, atol=1e-5)
+  # W + s·B·A is rounded to float32 once per weight: a few ulps of the logits
+  np.testing.assert_allclose(logits(m, IDS), unmerged, rtol=2e-5, atol=1e-5)
 
 
 def test_adapter_errors(tmp_path):

@@ -121,17 +121,18 @@ def usable(x: Tensor, weight_dtype: DType, device: str) -> bool:
     and isinstance(device, str) and available(device)
 
 
-def upcast_for_matmul(x: Tensor, weight_dtype: DType, device: str) -> bool:
-  """Whether a several-row matmul (prefill) on the CPU should first write its weight out as float32: tinygrad's
-  generated matmul converts fp16 (and unpacks int8/int4) weights element by element inside the inner loop, which
-  makes an fp16 prefill ~15x slower than fp32; one vectorizable conversion pass per weight costs far less."""
-  return weight_dtype != dtypes.float32 and not TRAINING and isinstance(device, str) and available(device)
+def matmul_usable(x: Tensor, weight_dtype: DType, device: str) -> bool:
+  """Whether a several-row product (prefill) of x can use `matmul` below: on the clang CPU backend, with concrete
+  shapes and no gradient needed. tinygrad's generated matmul reaches ~10 GFLOP/s there (and converts fp16 or
+  packed weights element by element in its inner loop); the register-tiled kernel reaches 60-110."""
+  return not TRAINING and all(isinstance(s, int) for s in x.shape) and isinstance(device, str) and available(device) \
+    and weight_dtype in (dtypes.float32, dtypes.float16, dtypes.int8, dtypes.uint8)
 
 
 def _braces_for_format(src: str) -> str:
   """tinygrad renders a CUSTOM op with str.format: {0}, {1}, ... name its operands, every other brace is C."""
   src = src.replace("{", "{{").replace("}", "}}")
-  for i in range(8): src = src.replace("{{%d}}" % i, "{%d}" % i)
+  for i in range(10): src = src.replace("{{%d}}" % i, "{%d}" % i)
   return src
 
 
@@ -140,21 +141,30 @@ def _rows_per_chunk(n_rows: int, row_bytes: float, threads: int) -> int:
   return max(-(-n_rows // (16 * threads)), -(-16384 // max(int(row_bytes), 1)), 1)
 
 
-def _run(name: str, declarations: str, rows: str, n_out: int, row_bytes: float, x: Tensor, *weights: Tensor) -> Tensor:
-  """One kernel computing n_out float32 outputs; its rows are shared with helper threads when the device has them."""
-  if not available(x.device): raise ValueError(f"the C decode kernels need tinygrad's clang CPU backend, not {x.device}")
-  inputs = [x.reshape(-1).float(), *[w.reshape(-1) for w in weights]]
-  if (pool := cpu_threads.pool(x.device)) is not None:
-    chunk = _rows_per_chunk(n_out, row_bytes, cpu_threads.config.threads)
-    body = cpu_threads.parallel_rows(name, n_out, chunk, len(inputs) + 2, rows)
-    inputs.append(pool.mailbox)
+def _run(name: str, declarations: str, rows: str, n_out: int, row_bytes: float, x: Tensor, *weights: Tensor,
+         n_rows: int | None = None, chunk_multiple: int = 1) -> Tensor:
+  """One kernel computing n_out float32 outputs from n_rows independent weight rows (n_out by default), shared
+  between threads in chunks of ~16 KB of weights (a multiple of chunk_multiple rows)."""
+  n_rows = n_rows or n_out
+  threads = cpu_threads.config.threads
+  chunk = -(-_rows_per_chunk(n_rows, row_bytes, threads) // chunk_multiple) * chunk_multiple
+  return _launch(name, declarations, rows, n_out, [x.reshape(-1).float(), *[w.reshape(-1) for w in weights]], n_rows, chunk)
+
+
+def _launch(name: str, declarations: str, rows: str, n_out: int, inputs: list[Tensor], n_rows: int, rows_per_chunk: int) -> Tensor:
+  """A custom kernel: {0} is its float32 output [n_out], {1}.. the inputs; `rows` computes rows [tl_lo, tl_hi), which
+  helper threads share when the device has them."""
+  device = inputs[0].device
+  if not available(device): raise ValueError(f"the C CPU kernels need tinygrad's clang CPU backend, not {device}")
+  if (pool := cpu_threads.pool(device)) is not None:
+    inputs = [*inputs, pool.mailbox]
+    body = cpu_threads.parallel_rows(name, n_rows, rows_per_chunk, len(inputs) + 1, rows)
   else:
-    body = f"int tl_lo = 0, tl_hi = {n_out};\n{rows}"
+    body = f"int tl_lo = 0, tl_hi = {n_rows};\n{rows}"
   source = _braces_for_format(_PRELUDE + declarations + body)
   def kernel(*params: UOp) -> UOp:
     return UOp(Ops.CUSTOM, dtypes.void, src=params, arg=source).sink(arg=KernelInfo(name=name, opts_to_apply=()))
-  out = Tensor.empty(n_out, dtype=dtypes.float32, device=x.device)
-  return out.custom_kernel(*inputs, fxn=kernel)[0]
+  return Tensor.empty(n_out, dtype=dtypes.float32, device=device).custom_kernel(*inputs, fxn=kernel)[0]
 
 
 def _dense_declarations(weights: list[Tensor]) -> str:
@@ -209,3 +219,174 @@ def matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
 def matvec_q4_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
   """x [..., K] (one row) against Q4_0 blocks: packed uint8 [N, K/32, 16], scale fp16 [N, K/32] → float32 [N]."""
   return _quantized("q4_0", _Q4_0, x, packed, scale)
+
+
+# Several-row products (prefill): y [M, N] = x [M, K] @ W[N, K].T. Each group of three weight rows is first made
+# float32 (fp16/Q8_0/Q4_0 converted into a buffer on the stack), then every four rows of x are multiplied with
+# it in a 4x3 register tile: twelve 8-wide accumulators, so each loaded vector feeds three or four FMAs.
+_TO_F32 = {
+  "f16": """for (int k = 0; k < {K}; k++) dst[k] = (float)src[k];""",
+  "q8_0": """for (int b = 0; b < {NB}; b++) {{
+      float d = (float)scale[(long)r * {NB} + b];
+      const signed char* q = src + b * 32;
+      for (int i = 0; i < 32; i += 8) *(tl_f8*)(dst + b * 32 + i) = __builtin_convertvector(*(const tl_i8x8*)(q + i), tl_f8) * d;
+    }}""",
+  "q4_0": """for (int b = 0; b < {NB}; b++) {{
+      float d = (float)scale[(long)r * {NB} + b];
+      tl_u8x16 p = *(const tl_u8x16*)(src + b * 16);
+      *(tl_f16*)(dst + b * 32) = (__builtin_convertvector(p & (unsigned char)15, tl_f16) - 8.0f) * d;
+      *(tl_f16*)(dst + b * 32 + 16) = (__builtin_convertvector(p >> 4, tl_f16) - 8.0f) * d;
+    }}""",
+}
+_C_TYPE = {"f32": "float", "f16": "__fp16", "q8_0": "signed char", "q4_0": "unsigned char"}
+_TILE_ROWS, _TILE_COLS = 4, 3   # rows of x, rows of W per register tile
+
+
+def _hsum(a: str) -> str: return _HSUM8.replace("a[", f"{a}[")
+
+
+def _tile(mt: int, K: int, w: str, store) -> str:
+  """C for rows m..m+mt-1 of x against the weight rows {w}0, {w}1, {w}2; store(i, j, value) is the C statement
+  that keeps output (m + i, n + j) (it is only reached for j < nt, the weight rows that exist)."""
+  xs = "".join(f"  const float* x{i} = tl_x + (long)(m + {i}) * {K};\n" for i in range(mt))
+  acc = ", ".join(f"a{i}{j} = 0" for i in range(mt) for j in range(3))
+  fma = "".join(f"    u = *(const tl_f8*)(x{i} + k); a{i}0 += u * v0; a{i}1 += u * v1; a{i}2 += u * v2;\n" for i in range(mt))
+  sums = "".join(f"  float s{i}{j} = {_hsum(f'a{i}{j}')};\n" for i in range(mt) for j in range(3))
+  tail = "".join(f"    s{i}{j} += x{i}[k] * {w}{j}[k];\n" for i in range(mt) for j in range(3))
+  stores = "".join(f"  {'' if j == 0 else f'if (nt > {j}) '}{store(i, j, f's{i}{j}')}\n" for i in range(mt) for j in range(3))
+  return f"""{{
+{xs}  tl_f8 {acc}, u;
+  int k = 0;
+  for (; k + 8 <= {K}; k += 8) {{
+    tl_f8 v0 = *(const tl_f8*)({w}0 + k), v1 = *(const tl_f8*)({w}1 + k), v2 = *(const tl_f8*)({w}2 + k);
+{fma}  }}
+{sums}  for (; k < {K}; k++) {{
+{tail}  }}
+{stores}}}
+"""
+
+
+def _weight_rows(kind: str, K: int, index: int, prefix: str) -> str:
+  """C that points {prefix}0..2 at weight rows n..n+2 of weight `index` as float32 (converted into a stack
+  buffer unless they already are); rows past the chunk's end repeat row n."""
+  weight, scale = f"tl_w{index}", f"tl_d{index}"
+  row = f"{weight} + (long)r * {K // 2 if kind == 'q4_0' else K}"
+  if kind == "f32": convert = f"rows[j] = {row};"
+  else:
+    scale_ptr = f"const __fp16* scale = {scale};\n    " if kind in ("q8_0", "q4_0") else ""
+    convert = f"const {_C_TYPE[kind]}* src = {row};\n    {scale_ptr}float* dst = {prefix}_buf + j * {K};\n    " \
+              + _TO_F32[kind].format(K=K, NB=K // QBLOCK) + "\n    rows[j] = dst;"
+  return f"""const float *{prefix}0, *{prefix}1, *{prefix}2;
+{{
+  const float* rows[3];
+  for (int j = 0; j < 3; j++) {{
+    int r = n + j;
+    if (j >= nt) {{ rows[j] = rows[0]; continue; }}
+    {convert}
+  }}
+  {prefix}0 = rows[0]; {prefix}1 = rows[1]; {prefix}2 = rows[2];
+}}
+"""
+
+
+def _matmul(name: str, x: Tensor, weights: list[tuple[Tensor, Tensor | None]], kind: str, combine: str | None) -> Tensor:
+  """y [..., N] = x [..., K] @ W.T for one weight, or combine(g, u) of two products with weights (W_g, W_u)."""
+  K, N = x.shape[-1], weights[0][0].shape[0]
+  M = x.numel() // K
+  decl = "float* restrict tl_y = (float*){0};\nconst float* restrict tl_x = (const float*){1};\n"
+  inputs, prefixes = [], ("w", "u")
+  for i, (w, scale) in enumerate(weights):
+    decl += f"const {_C_TYPE[kind]}* restrict tl_w{i} = (const {_C_TYPE[kind]}*){{{len(inputs) + 2}}};\n"
+    inputs.append(w.reshape(-1))
+    if scale is not None:
+      decl += f"const __fp16* restrict tl_d{i} = (const __fp16*){{{len(inputs) + 2}}};\n"
+      inputs.append(scale.reshape(-1))
+    if kind != "f32": decl += f"float {prefixes[i]}_buf[3 * {K}] __attribute__((aligned(64)));\n"
+  out = lambda i, j, v: f"tl_y[(long)(m + {i}) * {N} + n + {j}] = {v};"
+  if combine is None: tiles = lambda mt: _tile(mt, K, "w", out)
+  else:   # the first product is kept in registers (tl_g), the second combines with it
+    keep = lambda i, j, v: f"tl_g[{i}][{j}] = {v};"
+    both = lambda i, j, v: out(i, j, combine.format(g=f"tl_g[{i}][{j}]", u=v))
+    tiles = lambda mt: "{\n" + f"float tl_g[{mt}][3];\n" + _tile(mt, K, "w", keep) + _tile(mt, K, "u", both) + "}\n"
+  rows = f"""for (int n = tl_lo; n < tl_hi; n += 3) {{
+  int nt = tl_hi - n < 3 ? tl_hi - n : 3;
+{"".join(_weight_rows(kind, K, i, prefixes[i]) for i in range(len(weights)))}  int m = 0;
+  for (; m + {_TILE_ROWS} <= {M}; m += {_TILE_ROWS}) {tiles(_TILE_ROWS)}  for (; m < {M}; m++) {tiles(1)}}}
+"""
+  row_bytes = K * BYTES_PER_WEIGHT[kind] * len(weights)
+  y = _run(f"{name}_{kind}_{M}_{N}_{K}", decl, rows, M * N, row_bytes, x, *inputs, n_rows=N, chunk_multiple=_TILE_COLS)
+  return y.reshape(*x.shape[:-1], N)
+
+
+def matmul(x: Tensor, weight: Tensor, scale: Tensor | None = None, kind: str | None = None) -> Tensor:
+  """x [..., K] (several rows) @ W.T → float32 [..., N] for W float32/float16 [N, K], or Q8_0/Q4_0 blocks with
+  kind "q8_0"/"q4_0" (weight = packed values, scale = fp16 scales [N, K/32])."""
+  return _matmul("matmul", x, [(weight, scale)], kind or _kind(weight), None)
+
+
+def matmul_swiglu(x: Tensor, gate: Tensor, up: Tensor) -> Tensor:
+  """silu(x @ gate.T) * (x @ up.T) for several rows of x, in one kernel (no [M, hidden] intermediates)."""
+  return _matmul("swiglu", x, [(gate, None), (up, None)], _kind(gate), "{g} / (1.0f + __builtin_expf(-{g})) * {u}")
+
+
+def attention_usable(q: Tensor, cache_dtype: DType) -> bool:
+  """Whether attention over the KV cache can use `attention` below (the clang CPU backend, no gradient needed)."""
+  return not TRAINING and all(isinstance(s, int) for s in q.shape) and cache_dtype in (dtypes.float32, dtypes.float16) \
+    and isinstance(q.device, str) and available(q.device)
+
+
+def _dot(D: int, a: str, b: str, b_load8: str) -> str:
+  """C expression-statement: float `dot` = a[0:D] · b[0:D] (b float or __fp16), in 8-wide pieces when D allows."""
+  if D % 8: return f"float dot = 0; for (int d = 0; d < {D}; d++) dot += {a}[d] * (float){b}[d];"
+  load = b_load8.replace("ROW", f"{b} + d")
+  return f"tl_f8 a = 0; for (int d = 0; d < {D}; d += 8) a += *(const tl_f8*)({a} + d) * {load};\n    float dot = {_HSUM8};"
+
+
+def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp, key_bias: Tensor | None = None) -> Tensor:
+  """Causal attention of q [B, T, H, D] (positions start_pos..start_pos+T-1) over the cache [B, KV, max_seq_len, D],
+  whose first start_pos + T positions are filled; key_bias [B, max_seq_len] is added to the scores of each key.
+  → float32 [B, T, H, D]. One (batch, position, head) row per work item, so prefill rows spread over the threads;
+  tinygrad's generated kernels for the same attention reach ~3 GFLOP/s here."""
+  B, T, H, D = q.shape
+  _, KV, max_len, _ = cache_k.shape
+  kt, load8 = _WEIGHT_C_TYPE[cache_k.dtype], _LOAD8[cache_k.dtype]
+  decl = f"float* restrict tl_o = (float*){{0}};\nconst float* restrict tl_q = (const float*){{1}};\n" \
+         f"const {kt}* restrict tl_k = (const {kt}*){{2}};\nconst {kt}* restrict tl_v = (const {kt}*){{3}};\n"
+  inputs = [q.reshape(-1).float(), cache_k.reshape(-1), cache_v.reshape(-1)]
+  if key_bias is not None:
+    decl += f"const float* restrict tl_bias = (const float*){{{len(inputs) + 1}}};\n"
+    inputs.append(key_bias.reshape(-1).float())
+  if isinstance(start_pos, UOp):   # a bound Variable: its value reaches the C through a one-int buffer
+    decl += f"const int tl_pos = *(const int*){{{len(inputs) + 1}}};\n"
+    inputs.append(Tensor.full((1,), start_pos, dtype=dtypes.int32, device=q.device).contiguous())
+  else: decl += f"const int tl_pos = {int(start_pos)};\n"
+  bias = f" + tl_bias[(long)b * {max_len} + s]" if key_bias is not None else ""
+  rows = f"""for (int r = tl_lo; r < tl_hi; r++) {{
+  int h = r % {H}, t = (r / {H}) % {T}, b = r / ({H} * {T});
+  int n_keys = tl_pos + t + 1;
+  const float* q = tl_q + (long)r * {D};
+  long head = ((long)b * {KV} + h / {H // KV}) * {max_len} * {D};
+  float scores[n_keys];
+  float top = -__builtin_inff();
+  for (int s = 0; s < n_keys; s++) {{
+    const {kt}* k = tl_k + head + (long)s * {D};
+    {_dot(D, "q", "k", load8)}
+    scores[s] = dot * {1 / D ** 0.5!r}f{bias};
+    if (scores[s] > top) top = scores[s];
+  }}
+  float* o = tl_o + (long)r * {D};
+  float acc[{D}] __attribute__((aligned(32)));
+  for (int d = 0; d < {D}; d++) acc[d] = 0;
+  float total = 0;
+  if (top > -__builtin_inff()) for (int s = 0; s < n_keys; s++) {{
+    float p = __builtin_expf(scores[s] - top);
+    const {kt}* v = tl_v + head + (long)s * {D};
+    total += p;
+    for (int d = 0; d < {D}; d++) acc[d] += p * (float)v[d];
+  }}
+  for (int d = 0; d < {D}; d++) o[d] = total > 0 ? acc[d] / total : 0.0f;
+}}
+"""
+  out = _launch(f"attention_{kt.replace('__fp16', 'f16').replace('float', 'f32')}_{B}_{T}_{H}_{KV}_{D}", decl, rows,
+                B * T * H * D, inputs, B * T * H, 1)
+  return out.reshape(B, T, H, D)

@@ -45,7 +45,7 @@ class Linear:
     w = self.weight
     if cpu_kernels.usable(x, w.dtype, w.device):   # decoding one token on the CPU: a kernel that streams the weights
       return cpu_kernels.matvec(x, w).reshape(*x.shape[:-1], w.shape[0]).cast(x.dtype)
-    if cpu_kernels.upcast_for_matmul(x, w.dtype, w.device): return (x.float() @ w.float().contiguous().T).cast(x.dtype)
+    if cpu_kernels.matmul_usable(x, w.dtype, w.device): return cpu_kernels.matmul(x, w).cast(x.dtype)
     return _grad_boundary(x @ w.T)
 
 
@@ -109,6 +109,9 @@ class Attention:
     else:
       cache.k[:, :, start_pos:start_pos + T].assign(k.transpose(1, 2).cast(cache.k.dtype))
       cache.v[:, :, start_pos:start_pos + T].assign(v.transpose(1, 2).cast(cache.v.dtype))
+      if cpu_kernels.attention_usable(q, cache.k.dtype):
+        out = cpu_kernels.attention(q, cache.k, cache.v, start_pos, key_bias).cast(x.dtype)
+        return self.wo(out.reshape(B, T, H * D))
       keys = cache.k[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)     # [B, KV, 1, S, D]
       values = cache.v[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)
     # query head h reads kv head h // (H // KV): group the query heads under their kv head
@@ -144,6 +147,8 @@ class FeedForward:
     if type(self.w1) is Linear and type(self.w3) is Linear and cpu_kernels.usable(x, self.w1.weight.dtype, x.device):
       gate, up = self.w1.weight, self.w3.weight   # one kernel for gate, up and SwiGLU
       return self.w2(cpu_kernels.matvec_swiglu(x, gate, up).reshape(*x.shape[:-1], gate.shape[0]).cast(x.dtype))
+    if type(self.w1) is Linear and type(self.w3) is Linear and cpu_kernels.matmul_usable(x, self.w1.weight.dtype, x.device):
+      return self.w2(cpu_kernels.matmul_swiglu(x, self.w1.weight, self.w3.weight).cast(x.dtype))   # several rows
     return self.w2(_silu(self.w1(x)) * self.w3(x))
 
 

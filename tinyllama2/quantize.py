@@ -49,8 +49,9 @@ class QuantLinear:
     if cpu_kernels.usable(x, self.packed.dtype, self.packed.device):   # one row on the CPU: read the blocks as they are
       kernel = cpu_kernels.matvec_q8_0 if self.mode == "int8" else cpu_kernels.matvec_q4_0
       return kernel(x, self.packed, self.scale).reshape(*x.shape[:-1], self.out_features).cast(x.dtype)
-    if cpu_kernels.upcast_for_matmul(x, self.packed.dtype, self.packed.device):
-      return (x.float() @ self.dequantize(dtypes.float32).contiguous().T).cast(x.dtype)
+    if cpu_kernels.matmul_usable(x, self.packed.dtype, self.packed.device):   # several rows (prefill) on the CPU
+      kind = "q8_0" if self.mode == "int8" else "q4_0"
+      return cpu_kernels.matmul(x, self.packed, self.scale, kind).cast(x.dtype)
     return x @ self.dequantize().T
 
   def nbytes(self) -> int: return self.packed.nbytes() + self.scale.nbytes()
