@@ -38,15 +38,27 @@ def _np_dequant_q4_0(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
   return (vals * scale.astype(np.float64)[..., None]).reshape(packed.shape[0], -1)
 
 
+def np_q8_0_activations(x: np.ndarray) -> np.ndarray:
+  """x rounded as llama.cpp's quantize_row_q8_0 does before a Q8_0/Q4_0 dot product: per block of 32,
+  d = amax / 127 and q = round-to-even(x * (1 / d)), in float32; returns q * d in float64."""
+  b = x.reshape(-1, 32).astype(np.float32)
+  d = np.abs(b).max(-1) / np.float32(127)
+  inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+  return (np.rint(b * inv[:, None]).astype(np.float64) * d.astype(np.float64)[:, None]).reshape(x.shape)
+
+
 @pytest.mark.parametrize("mode,kernel,dequant", [("int8", cpu_kernels.matvec_q8_0, _np_dequant_q8_0),
                                                  ("int4", cpu_kernels.matvec_q4_0, _np_dequant_q4_0)])
-def test_block_matvec_matches_numpy_dequantize_then_matmul(mode, kernel, dequant):
+def test_block_matvec_matches_numpy_with_x_quantized_to_q8_0(mode, kernel, dequant):
   x, w = _x_w(24, 320, seed=1)
+  x[:32] = 0   # a block of zeros (scale 0)
   q = QuantLinear.from_float(Tensor(w, device=DEV), mode)
   w_np = dequant(q.packed.numpy(), q.scale.numpy())
   assert np.abs(w_np - w).max() < (0.05 if mode == "int8" else 0.4)   # really a quantization of w
+  x_q = np_q8_0_activations(x)
+  assert 0 < np.abs(x_q - x).max() < 0.02   # x really is rounded, and only slightly
   got = kernel(Tensor(x, device=DEV), q.packed, q.scale).numpy()
-  np.testing.assert_allclose(got, w_np @ x.astype(np.float64), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got, w_np @ x_q, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
@@ -64,7 +76,7 @@ def test_layers_use_the_kernels_for_one_and_several_rows_and_match_numpy(mode):
   assert cpu_kernels.matmul_usable(three, w_dtype, three.device)
   y1, y3 = layer(one).numpy(), layer(three).numpy()
   assert y1.shape == (1, 1, 16) and y3.shape == (3, 1, 16)
-  np.testing.assert_allclose(y1[0, 0], w_np @ x, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(y1[0, 0], w_np @ (x if mode is None else np_q8_0_activations(x)), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(y3[:, 0], xs.astype(np.float64) @ w_np.T, rtol=1e-5, atol=1e-4)
 
 

@@ -1,5 +1,6 @@
 """CPU kernels that share their rows with helper threads: results against numpy, helpers really join,
 and one thread and two threads agree (each in a fresh process, since the thread count is fixed at first use)."""
+import ctypes
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from tinygrad import Tensor, TinyJit, dtypes
 from tinyllama2 import cpu_kernels, cpu_threads
 from tinyllama2.model import resolve_device
 from tinyllama2.quantize import QuantLinear
+from test_cpu_kernels import np_q8_0_activations
 
 DEV = resolve_device(None)
 pytestmark = pytest.mark.skipif(not (cpu_kernels.available(DEV) and cpu_threads.supported()),
@@ -61,11 +63,29 @@ def test_every_kernel_kind_with_helpers_matches_numpy_call_after_call():
     np.testing.assert_allclose(outs[2], g * (i + 1), rtol=1e-4, atol=1e-3 * (i + 1))
     gi = g * (i + 1)
     np.testing.assert_allclose(outs[3], gi / (1 + np.exp(-gi)) * (w2_64 @ x64) * (i + 1), rtol=1e-4, atol=1e-2 * (i + 1))
-    for deq, out in ((q8_w, outs[4]), (q4_w, outs[5])):
-      np.testing.assert_allclose(out, deq @ (x64 * (i + 1)), rtol=1e-4, atol=1e-3 * (i + 1))
+    for deq, out in ((q8_w, outs[4]), (q4_w, outs[5])):   # one row: x is rounded to Q8_0 blocks first
+      np.testing.assert_allclose(out, deq @ np_q8_0_activations(x * (i + 1)), rtol=1e-4, atol=1e-3 * (i + 1))
     for deq, out in ((g_half, outs[6]), (q4_w @ x64, outs[7])):
       np.testing.assert_allclose(out.reshape(5, 1000), np.outer(row_scale, deq) * (i + 1), rtol=1e-4, atol=3e-3 * (i + 1))
   assert pool.kernels_joined() > joined, "no helper thread ever worked on a kernel"
+
+
+@pytest.mark.skipif(cpu_threads.config.threads < 2, reason="this machine has one core: no helper threads")
+def test_a_kernel_that_finds_the_mailbox_taken_does_all_its_rows_alone():
+  """tinygrad may run a kernel synchronously while its queue worker runs another: the second must neither post
+  over the first nor take its chunks."""
+  x, w = _x_w(3000, 64, seed=6)
+  pool = cpu_threads.pool(DEV)
+  state = ctypes.c_uint64.from_address(pool.address + 8 * cpu_threads.STATE)
+  next_chunk = ctypes.c_uint64.from_address(pool.address + 8 * cpu_threads.NEXT)
+  wt = Tensor(w, device=DEV).realize()
+  cpu_kernels.matvec(Tensor(x, device=DEV), wt).realize()   # compiled and run once normally
+  state.value, next_chunk.value = 1, 5   # as if another kernel were running
+  try:
+    y = cpu_kernels.matvec(Tensor(-x, device=DEV), wt).numpy()
+    assert (state.value, next_chunk.value) == (1, 5), "the kernel touched the mailbox of the running one"
+  finally: state.value = 0
+  np.testing.assert_allclose(y, w.astype(np.float64) @ -x.astype(np.float64), rtol=1e-4, atol=1e-4)
 
 
 _ONE_PROCESS = """

@@ -32,6 +32,8 @@ typedef float tl_f16 __attribute__((ext_vector_type(16), aligned(4)));
 typedef __fp16 tl_h8 __attribute__((ext_vector_type(8), aligned(2)));
 typedef signed char tl_i8x8 __attribute__((ext_vector_type(8), aligned(1)));
 typedef unsigned char tl_u8x16 __attribute__((ext_vector_type(16), aligned(1)));
+typedef char tl_c32 __attribute__((vector_size(32), aligned(1)));
+typedef short tl_s16x16 __attribute__((vector_size(32)));
 """
 _HSUM8 = "((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))"
 
@@ -61,20 +63,43 @@ def _dot_row(row: str, wt: str, K: int, load8: str, result: str) -> str:
 # Each kernel is (declarations, rows): `rows` computes output rows [tl_lo, tl_hi), so the rows can be split
 # between threads (cpu_threads.py). Params: {0} = float32 output, {1} = float32 x, {2}... = weights.
 
-# Q8_0: {2} = int8 values [N, K/32, 32], {3} = fp16 scales [N, K/32]; y[n] = sum_b d[n,b] * sum_j q[n,b,j] x[32b+j]
+# Q8_0 and Q4_0 weights meet x quantized to Q8_0 blocks, as in llama.cpp: each thread first rounds x to int8
+# (tl_xq) with a float scale per block of 32 (tl_xs), then a block's dot product is exact integer arithmetic
+# (AVX2: sign tricks + pmaddubsw + pmaddwd, 32 products in four instructions) times the two scales. Converting
+# every weight to float instead makes these kernels compute-bound below the memory bandwidth.
+_QUANTIZE_X = """signed char tl_xq[%(K)d] __attribute__((aligned(32)));
+float tl_xs[%(NB)d];
+for (int b = 0; b < %(NB)d; b++) {
+  const float* xb = tl_x + b * 32;
+  float amax = 0;
+  for (int j = 0; j < 32; j++) { float a = __builtin_fabsf(xb[j]); amax = a > amax ? a : amax; }
+  float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
+  tl_xs[b] = d;
+  for (int j = 0; j < 32; j++) tl_xq[b * 32 + j] = (signed char)__builtin_rintf(xb[j] * id);
+}
+"""
+# tl_f8 s = (a tl_c32 of 32 int8 weights w) · (32 int8 of x at xq) as eight partial integer sums, in float
+_I8_DOT = """#if defined(__AVX2__)
+    const tl_s16x16 ones = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    tl_c32 xv = *(const tl_c32*)xq;
+    tl_s16x16 pairs = __builtin_ia32_pmaddubsw256(__builtin_ia32_psignb256(xv, xv), __builtin_ia32_psignb256(w, xv));
+    tl_f8 s = __builtin_convertvector(__builtin_ia32_pmaddwd256(pairs, ones), tl_f8);
+#else
+    int si = 0;
+    for (int j = 0; j < 32; j++) si += (int)w[j] * (int)xq[j];
+    tl_f8 s = 0;
+    s[0] = (float)si;
+#endif
+"""
 _Q8_0 = """const signed char* restrict tl_q = (const signed char*){2};
 const __fp16* restrict tl_d = (const __fp16*){3};
 const float* restrict tl_x = (const float*){1};
 """, """for (int n = tl_lo; n < tl_hi; n++) {
   tl_f8 a0 = 0, a1 = 0;
   for (int b = 0; b < %(NB)d; b++) {
-    const signed char* q = tl_q + ((long)n * %(NB)d + b) * 32;
-    const float* x = tl_x + b * 32;
-    tl_f8 s = __builtin_convertvector(*(const tl_i8x8*)q, tl_f8) * *(const tl_f8*)x
-            + __builtin_convertvector(*(const tl_i8x8*)(q + 8), tl_f8) * *(const tl_f8*)(x + 8)
-            + __builtin_convertvector(*(const tl_i8x8*)(q + 16), tl_f8) * *(const tl_f8*)(x + 16)
-            + __builtin_convertvector(*(const tl_i8x8*)(q + 24), tl_f8) * *(const tl_f8*)(x + 24);
-    float d = (float)tl_d[(long)n * %(NB)d + b];
+    tl_c32 w = *(const tl_c32*)(tl_q + ((long)n * %(NB)d + b) * 32);
+    const signed char* xq = tl_xq + b * 32;
+""" + _I8_DOT + """    float d = (float)tl_d[(long)n * %(NB)d + b] * tl_xs[b];
     if (b & 1) a1 += s * d; else a0 += s * d;
   }
   tl_f8 a = a0 + a1;
@@ -87,16 +112,16 @@ _Q4_0 = """const unsigned char* restrict tl_q = (const unsigned char*){2};
 const __fp16* restrict tl_d = (const __fp16*){3};
 const float* restrict tl_x = (const float*){1};
 """, """for (int n = tl_lo; n < tl_hi; n++) {
-  tl_f16 acc = 0;
+  tl_f8 a0 = 0, a1 = 0;
   for (int b = 0; b < %(NB)d; b++) {
     tl_u8x16 p = *(const tl_u8x16*)(tl_q + ((long)n * %(NB)d + b) * 16);
-    const float* x = tl_x + b * 32;
-    tl_f16 lo = __builtin_convertvector(p & (unsigned char)15, tl_f16) - 8.0f;
-    tl_f16 hi = __builtin_convertvector(p >> 4, tl_f16) - 8.0f;
-    tl_f16 s = lo * *(const tl_f16*)x + hi * *(const tl_f16*)(x + 16);
-    acc += s * (float)tl_d[(long)n * %(NB)d + b];
+    tl_c32 w = (tl_c32)__builtin_shufflevector(p & (unsigned char)15, p >> 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                               14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31) - 8;
+    const signed char* xq = tl_xq + b * 32;
+""" + _I8_DOT + """    float d = (float)tl_d[(long)n * %(NB)d + b] * tl_xs[b];
+    if (b & 1) a1 += s * d; else a0 += s * d;
   }
-  tl_f8 a = acc.lo + acc.hi;
+  tl_f8 a = a0 + a1;
   {0}[n] = %(hsum)s;
 }"""
 
@@ -142,25 +167,27 @@ def _rows_per_chunk(n_rows: int, row_bytes: float, threads: int) -> int:
 
 
 def _run(name: str, declarations: str, rows: str, n_out: int, row_bytes: float, x: Tensor, *weights: Tensor,
-         n_rows: int | None = None, chunk_multiple: int = 1) -> Tensor:
+         n_rows: int | None = None, chunk_multiple: int = 1, prologue: str = "") -> Tensor:
   """One kernel computing n_out float32 outputs from n_rows independent weight rows (n_out by default), shared
   between threads in chunks of ~16 KB of weights (a multiple of chunk_multiple rows)."""
   n_rows = n_rows or n_out
   threads = cpu_threads.config.threads
   chunk = -(-_rows_per_chunk(n_rows, row_bytes, threads) // chunk_multiple) * chunk_multiple
-  return _launch(name, declarations, rows, n_out, [x.reshape(-1).float(), *[w.reshape(-1) for w in weights]], n_rows, chunk)
+  return _launch(name, declarations, rows, n_out, [x.reshape(-1).float(), *[w.reshape(-1) for w in weights]], n_rows, chunk,
+                 prologue)
 
 
-def _launch(name: str, declarations: str, rows: str, n_out: int, inputs: list[Tensor], n_rows: int, rows_per_chunk: int) -> Tensor:
+def _launch(name: str, declarations: str, rows: str, n_out: int, inputs: list[Tensor], n_rows: int, rows_per_chunk: int,
+            prologue: str = "") -> Tensor:
   """A custom kernel: {0} is its float32 output [n_out], {1}.. the inputs; `rows` computes rows [tl_lo, tl_hi), which
-  helper threads share when the device has them."""
+  helper threads share when the device has them, each thread running `prologue` once before its first rows."""
   device = inputs[0].device
   if not available(device): raise ValueError(f"the C CPU kernels need tinygrad's clang CPU backend, not {device}")
   if (pool := cpu_threads.pool(device)) is not None:
     inputs = [*inputs, pool.mailbox]
-    body = cpu_threads.parallel_rows(name, n_rows, rows_per_chunk, len(inputs) + 1, rows)
+    body = cpu_threads.parallel_rows(name, n_rows, rows_per_chunk, len(inputs) + 1, rows, prologue)
   else:
-    body = f"int tl_lo = 0, tl_hi = {n_rows};\n{rows}"
+    body = f"{prologue}int tl_lo = 0, tl_hi = {n_rows};\n{rows}"
   source = _braces_for_format(_PRELUDE + declarations + body)
   def kernel(*params: UOp) -> UOp:
     return UOp(Ops.CUSTOM, dtypes.void, src=params, arg=source).sink(arg=KernelInfo(name=name, opts_to_apply=()))
@@ -207,8 +234,9 @@ def matvec_swiglu(x: Tensor, gate: Tensor, up: Tensor) -> Tensor:
 
 def _quantized(kind: str, template: tuple[str, str], x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
   N, NB = scale.shape
-  rows = template[1] % {"NB": NB, "hsum": _HSUM8}
-  return _run(f"matvec_{kind}_{N}_{NB * QBLOCK}", template[0], rows, N, NB * QBLOCK * BYTES_PER_WEIGHT[kind], x, packed, scale)
+  fill = {"K": NB * QBLOCK, "NB": NB, "hsum": _HSUM8}
+  return _run(f"matvec_{kind}_{N}_{NB * QBLOCK}", template[0], template[1] % fill, N, NB * QBLOCK * BYTES_PER_WEIGHT[kind], x,
+              packed, scale, prologue=_QUANTIZE_X % fill)
 
 
 def matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:

@@ -178,29 +178,41 @@ def pool(device: str) -> Pool | None:
   return Pool(device, mailbox, memory, address, helpers)
 
 
-def parallel_rows(name: str, n_rows: int, rows_per_chunk: int, n_params: int, rows: str) -> str:
+def parallel_rows(name: str, n_rows: int, rows_per_chunk: int, n_params: int, rows: str, prologue: str = "") -> str:
   """C (before str.format) for a kernel `name` whose params are {0}..{n_params-1}, the last of them the
-  mailbox: `rows` computes output rows [tl_lo, tl_hi); this splits them into chunks that helpers share."""
+  mailbox: `rows` computes output rows [tl_lo, tl_hi); this splits them into chunks that helpers share. Every
+  thread runs `prologue` (per-thread set-up, e.g. quantizing x) once, after the kernel is posted.
+
+  A helper calls the kernel with the mailbox address tagged (+1). An untagged call is tinygrad's: it takes the
+  mailbox with a compare-and-swap on STATE, or, when another kernel holds it (tinygrad can run a synchronous
+  kernel while its queue worker runs another), does all its rows alone with a private chunk counter."""
   if n_params > MAX_ARGS: raise ValueError(f"a parallel kernel takes at most {MAX_ARGS} buffers, {name} has {n_params}")
   n_chunks = -(-n_rows // rows_per_chunk)
-  post_args = "".join(f"    tl_mb[TL_ARGS + {i}] = (u64)({{{i}}});\n" for i in range(n_params))
+  post_args = "".join(f"    tl_mb[TL_ARGS + {i}] = (u64)({{{i}}});\n" for i in range(n_params - 1))
   return _defines() + f"""typedef unsigned long long u64;
-u64* tl_mb = (u64*)({{{n_params - 1}}});
-int tl_main = __atomic_load_n(&tl_mb[TL_STATE], __ATOMIC_RELAXED) == 0;
+u64 tl_arg = (u64)({{{n_params - 1}}});
+u64* tl_mb = (u64*)(tl_arg & ~1ull);
+int tl_main = 0;
+u64 tl_own_next = 0, *tl_next = &tl_own_next;
+if (!(tl_arg & 1)) {{
+  u64 tl_idle = 0;
+  tl_main = __atomic_compare_exchange_n(&tl_mb[TL_STATE], &tl_idle, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+}} else tl_next = &tl_mb[TL_NEXT];
 u64 tl_seq = 0;
 if (tl_main) {{
   u64 tl_self;
   __asm__("leaq {name}(%%rip), %0" : "=r"(tl_self));
   tl_seq = tl_mb[TL_SEQ] + 1;
   tl_mb[TL_FN] = tl_self;
-{post_args}  tl_mb[TL_NEXT] = 0;
+{post_args}    tl_mb[TL_ARGS + {n_params - 1}] = tl_arg | 1;
+  tl_mb[TL_NEXT] = 0;
   tl_mb[TL_DONE] = 0;
-  tl_mb[TL_STATE] = 1;
+  tl_next = &tl_mb[TL_NEXT];
   __atomic_store_n(&tl_mb[TL_CLAIM], tl_seq << 8, __ATOMIC_RELEASE);
   __atomic_store_n(&tl_mb[TL_SEQ], tl_seq, __ATOMIC_RELEASE);
 }}
-for (;;) {{
-  long tl_chunk = (long)__atomic_fetch_add(&tl_mb[TL_NEXT], 1, __ATOMIC_RELAXED);
+{prologue}for (;;) {{
+  long tl_chunk = (long)__atomic_fetch_add(tl_next, 1, __ATOMIC_RELAXED);
   if (tl_chunk >= {n_chunks}) break;
   int tl_lo = (int)tl_chunk * {rows_per_chunk};
   int tl_hi = tl_lo + {rows_per_chunk} < {n_rows} ? tl_lo + {rows_per_chunk} : {n_rows};
@@ -210,6 +222,6 @@ if (tl_main) {{
   u64 tl_claim = __atomic_load_n(&tl_mb[TL_CLAIM], __ATOMIC_ACQUIRE);
   while (!__atomic_compare_exchange_n(&tl_mb[TL_CLAIM], &tl_claim, tl_claim | TL_CLOSED, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
   while (__atomic_load_n(&tl_mb[TL_DONE], __ATOMIC_ACQUIRE) < (tl_claim & (TL_CLOSED - 1))) __builtin_ia32_pause();
-  __atomic_store_n(&tl_mb[TL_STATE], 0, __ATOMIC_RELAXED);
+  __atomic_store_n(&tl_mb[TL_STATE], 0, __ATOMIC_RELEASE);
 }}
 """

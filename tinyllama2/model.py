@@ -218,12 +218,13 @@ class Transformer:
   def init_random(self, seed: int = 0, std: float = 0.02) -> None:
     """Seeded random init as in llama2.c's model.py (normal(0, 0.02), residual projections scaled, norms 1)."""
     Tensor.manual_seed(seed)
+    # realized one weight at a time: the float32 randn temporaries of all weights at once take several model sizes
     for name, p in self.state_dict().items():
       if name.endswith("norm.weight"): p.replace(Tensor.ones(*p.shape, dtype=self.dtype, device=self.device).contiguous())
       else:
         s = std / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
         p.replace((Tensor.randn(*p.shape, device=self.device) * s).cast(self.dtype).contiguous())
-    Tensor.realize(*self.state_dict().values())
+      p.realize()
 
   # ---- forward ----------------------------------------------------------------------------------
   def forward_hidden(self, x: Tensor, start_pos: int | UOp, use_cache: bool = True, key_bias: Tensor | None = None) -> Tensor:
