@@ -1,5 +1,7 @@
 """The CPU kernels against numpy: one-row (decode) and several-row (prefill) products with dense fp32/fp16
 weights and Q8_0/Q4_0 blocks decoded from their raw bytes."""
+import re
+
 import numpy as np
 import pytest
 
@@ -169,3 +171,29 @@ def test_attention_kernel_matches_numpy_at_symbolic_positions(dtype, head_dim):
     np.testing.assert_allclose(got, _np_attention(q.astype(np.float64) * (start + 1), k, v, start, bias), rtol=1e-4, atol=1e-5)
   got = cpu_kernels.attention(Tensor(q, device=DEV), k_t, v_t, 4).numpy()   # a plain int position, no bias
   np.testing.assert_allclose(got, _np_attention(q.astype(np.float64), k, v, 4, np.zeros((B, L))), rtol=1e-4, atol=1e-5)
+
+
+def test_kernels_call_nothing_outside_themselves(monkeypatch):
+  """tinygrad's ELF loader links an external call (say, libm's expf) with an unchecked 32-bit displacement: the
+  kernel then crashes once the process has mapped a few GB. Every kernel must load with no library at all."""
+  from tinygrad.runtime.support.compiler_cpu import ClangCompiler
+  from tinygrad.runtime.support.elf import elf_loader
+  sources, original = [], cpu_kernels.kernel_source
+  monkeypatch.setattr(cpu_kernels, "kernel_source", lambda src: sources.append(original(src)) or sources[-1])
+  rng = np.random.default_rng(9)
+  w = Tensor(rng.standard_normal((12, 64)).astype(np.float32), device=DEV).realize()
+  one, rows = Tensor(rng.standard_normal(64).astype(np.float32), device=DEV), Tensor(rng.standard_normal((5, 64)).astype(np.float32), device=DEV)
+  cache = Tensor.zeros(1, 2, 8, 16, device=DEV).contiguous().realize()
+  for mode in ("int8", "int4"):
+    q = QuantLinear.from_float(w, mode)
+    q(one.reshape(1, 64)), q(rows)
+  cpu_kernels.matvec(one, w), cpu_kernels.matvec_swiglu(one, w, w), cpu_kernels.matmul_swiglu(rows, w, w)
+  cpu_kernels.attention(Tensor.zeros(1, 2, 4, 16, device=DEV), cache, cache, 3)
+  assert len(sources) >= 7
+  compiler = ClangCompiler(["x86_64" if cpu_kernels.cpu_threads.supported() else "arm64", "native"])
+  for src in sources:
+    params = ", ".join(["float* data0"] + [f"void* data{i}" for i in range(1, 10)])   # {0} is the float32 output
+    name = re.search(r"leaq (\w+)\(", src)   # a threaded kernel takes its own address by its name
+    body = src.format(*[f"data{i}" for i in range(10)])
+    obj = compiler.compile(f"void {name.group(1) if name else 'kernel'}({params}) {{\n{body}\n}}")
+    elf_loader(obj)   # raises on a relocation against an undefined symbol

@@ -27,6 +27,9 @@ QBLOCK = 32   # values per Q8_0 / Q4_0 block
 # weight bytes per value, by the kind in a kernel's name (matvec_<kind>_<rows>_<cols>)
 BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
+# TL_EXPF is exp without libm (a Taylor polynomial after range reduction, ~1 ulp): tinygrad's ELF loader links a
+# call to libm's expf as a 32-bit displacement without a range check, so once the process has mapped a few GB the
+# call lands at a wrong address and the kernel dies of a segfault. These kernels call nothing outside themselves.
 _PRELUDE = """typedef float tl_f8 __attribute__((ext_vector_type(8), aligned(4)));
 typedef float tl_f16 __attribute__((ext_vector_type(16), aligned(4)));
 typedef __fp16 tl_h8 __attribute__((ext_vector_type(8), aligned(2)));
@@ -34,6 +37,14 @@ typedef signed char tl_i8x8 __attribute__((ext_vector_type(8), aligned(1)));
 typedef unsigned char tl_u8x16 __attribute__((ext_vector_type(16), aligned(1)));
 typedef char tl_c32 __attribute__((vector_size(32), aligned(1)));
 typedef short tl_s16x16 __attribute__((vector_size(32)));
+#define TL_EXPF(v) ({ float tl_e_x = (v); \\
+  tl_e_x = tl_e_x < -87.0f ? -87.0f : (tl_e_x > 88.0f ? 88.0f : tl_e_x); \\
+  float tl_e_k = __builtin_rintf(tl_e_x * 1.44269504f); \\
+  float tl_e_r = (tl_e_x - tl_e_k * 0.693145751953125f) - tl_e_k * 1.42860677e-6f; \\
+  float tl_e_p = 1.0f + tl_e_r * (1.0f + tl_e_r * (0.5f + tl_e_r * (0.166666667f + tl_e_r * (0.0416666667f \\
+                 + tl_e_r * (0.00833333333f + tl_e_r * 0.00138888889f))))); \\
+  union { int i; float f; } tl_e_two = { .i = ((int)tl_e_k + 127) << 23 }; \\
+  tl_e_p * tl_e_two.f; })
 """
 _HSUM8 = "((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))"
 
@@ -154,8 +165,9 @@ def matmul_usable(x: Tensor, weight_dtype: DType, device: str) -> bool:
     and weight_dtype in (dtypes.float32, dtypes.float16, dtypes.int8, dtypes.uint8)
 
 
-def _braces_for_format(src: str) -> str:
-  """tinygrad renders a CUSTOM op with str.format: {0}, {1}, ... name its operands, every other brace is C."""
+def kernel_source(src: str) -> str:
+  """A kernel body for tinygrad's CUSTOM op, which renders it with str.format: {0}, {1}, ... name its operands,
+  every other brace is C."""
   src = src.replace("{", "{{").replace("}", "}}")
   for i in range(10): src = src.replace("{{%d}}" % i, "{%d}" % i)
   return src
@@ -188,7 +200,7 @@ def _launch(name: str, declarations: str, rows: str, n_out: int, inputs: list[Te
     body = cpu_threads.parallel_rows(name, n_rows, rows_per_chunk, len(inputs) + 1, rows, prologue)
   else:
     body = f"{prologue}int tl_lo = 0, tl_hi = {n_rows};\n{rows}"
-  source = _braces_for_format(_PRELUDE + declarations + body)
+  source = kernel_source(_PRELUDE + declarations + body)
   def kernel(*params: UOp) -> UOp:
     return UOp(Ops.CUSTOM, dtypes.void, src=params, arg=source).sink(arg=KernelInfo(name=name, opts_to_apply=()))
   return Tensor.empty(n_out, dtype=dtypes.float32, device=device).custom_kernel(*inputs, fxn=kernel)[0]
@@ -227,7 +239,7 @@ def matvec_swiglu(x: Tensor, gate: Tensor, up: Tensor) -> Tensor:
   (N, K), wt, load8 = gate.shape, _WEIGHT_C_TYPE[gate.dtype], _LOAD8[gate.dtype]
   rows = f"for (int n = tl_lo; n < tl_hi; n++) {{\n  {_dot_row(f'tl_w0 + (long)n * {K}', wt, K, load8, 'g')}" \
          f"  {_dot_row(f'tl_w1 + (long)n * {K}', wt, K, load8, 'u')}" \
-         f"  {{0}}[n] = g / (1.0f + __builtin_expf(-g)) * u;\n}}\n"
+         f"  {{0}}[n] = g / (1.0f + TL_EXPF(-g)) * u;\n}}\n"
   return _run(f"swiglu_{_kind(gate)}_{N}_{K}", _dense_declarations([gate, up]), rows, N, 2 * K * gate.dtype.itemsize,
               x, gate, up)
 
@@ -354,7 +366,7 @@ def matmul(x: Tensor, weight: Tensor, scale: Tensor | None = None, kind: str | N
 
 def matmul_swiglu(x: Tensor, gate: Tensor, up: Tensor) -> Tensor:
   """silu(x @ gate.T) * (x @ up.T) for several rows of x, in one kernel (no [M, hidden] intermediates)."""
-  return _matmul("swiglu", x, [(gate, None), (up, None)], _kind(gate), "{g} / (1.0f + __builtin_expf(-{g})) * {u}")
+  return _matmul("swiglu", x, [(gate, None), (up, None)], _kind(gate), "{g} / (1.0f + TL_EXPF(-{g})) * {u}")
 
 
 def attention_usable(q: Tensor, cache_dtype: DType) -> bool:
@@ -407,7 +419,7 @@ def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
   for (int d = 0; d < {D}; d++) acc[d] = 0;
   float total = 0;
   if (top > -__builtin_inff()) for (int s = 0; s < n_keys; s++) {{
-    float p = __builtin_expf(scores[s] - top);
+    float p = TL_EXPF(scores[s] - top);
     const {kt}* v = tl_v + head + (long)s * {D};
     total += p;
     for (int d = 0; d < {D}; d++) acc[d] += p * (float)v[d];
