@@ -184,8 +184,8 @@ def parallel_rows(name: str, n_rows: int, rows_per_chunk: int, n_params: int, ro
   thread runs `prologue` (per-thread set-up, e.g. quantizing x) once, after the kernel is posted.
 
   A helper calls the kernel with the mailbox address tagged (+1). An untagged call is tinygrad's: it takes the
-  mailbox with a compare-and-swap on STATE, or, when another kernel holds it (tinygrad can run a synchronous
-  kernel while its queue worker runs another), does all its rows alone with a private chunk counter."""
+  mailbox with a compare-and-swap on STATE, or, should another kernel hold it (two tinygrad threads running
+  kernels at once), does all its rows alone with a private chunk counter instead of corrupting the other's."""
   if n_params > MAX_ARGS: raise ValueError(f"a parallel kernel takes at most {MAX_ARGS} buffers, {name} has {n_params}")
   n_chunks = -(-n_rows // rows_per_chunk)
   post_args = "".join(f"    tl_mb[TL_ARGS + {i}] = (u64)({{{i}}});\n" for i in range(n_params - 1))
