@@ -136,7 +136,9 @@ const float* restrict tl_x = (const float*){1};
   {0}[n] = %(hsum)s;
 }"""
 
-_WEIGHT_C_TYPE = {dtypes.float32: "float", dtypes.float16: "__fp16"}
+# C element type of a weight, by the kind in a kernel's name
+_C_TYPE = {"f32": "float", "f16": "__fp16", "q8_0": "signed char", "q4_0": "unsigned char"}
+_WEIGHT_C_TYPE = {dtypes.float32: _C_TYPE["f32"], dtypes.float16: _C_TYPE["f16"]}
 # float32 weights are a plain vector load; float16 a vector conversion (one vcvtph2ps on x86)
 _LOAD8 = {dtypes.float32: "(*(const tl_f8*)(ROW))", dtypes.float16: "__builtin_convertvector(*(const tl_h8*)(ROW), tl_f8)"}
 
@@ -278,7 +280,6 @@ _TO_F32 = {
       *(tl_f16*)(dst + b * 32 + 16) = (__builtin_convertvector(p >> 4, tl_f16) - 8.0f) * d;
     }}""",
 }
-_C_TYPE = {"f32": "float", "f16": "__fp16", "q8_0": "signed char", "q4_0": "unsigned char"}
 _TILE_ROWS, _TILE_COLS = 4, 3   # rows of x, rows of W per register tile
 
 
@@ -427,6 +428,5 @@ def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
   for (int d = 0; d < {D}; d++) o[d] = total > 0 ? acc[d] / total : 0.0f;
 }}
 """
-  out = _launch(f"attention_{kt.replace('__fp16', 'f16').replace('float', 'f32')}_{B}_{T}_{H}_{KV}_{D}", decl, rows,
-                B * T * H * D, inputs, B * T * H, 1)
+  out = _launch(f"attention_{_kind(cache_k)}_{B}_{T}_{H}_{KV}_{D}", decl, rows, B * T * H * D, inputs, B * T * H, 1)
   return out.reshape(B, T, H, D)

@@ -144,11 +144,11 @@ class FeedForward:
     self.w3 = Linear(args.dim, args.hidden_dim, dtype, device)   # up
 
   def __call__(self, x: Tensor) -> Tensor:
-    if type(self.w1) is Linear and type(self.w3) is Linear and cpu_kernels.usable(x, self.w1.weight.dtype, x.device):
-      gate, up = self.w1.weight, self.w3.weight   # one kernel for gate, up and SwiGLU
-      return self.w2(cpu_kernels.matvec_swiglu(x, gate, up).reshape(*x.shape[:-1], gate.shape[0]).cast(x.dtype))
-    if type(self.w1) is Linear and type(self.w3) is Linear and cpu_kernels.matmul_usable(x, self.w1.weight.dtype, x.device):
-      return self.w2(cpu_kernels.matmul_swiglu(x, self.w1.weight, self.w3.weight).cast(x.dtype))   # several rows
+    if type(self.w1) is Linear and type(self.w3) is Linear:   # plain float layers: gate, up and SwiGLU in one kernel
+      gate, up = self.w1.weight, self.w3.weight
+      if cpu_kernels.usable(x, gate.dtype, x.device):
+        return self.w2(cpu_kernels.matvec_swiglu(x, gate, up).reshape(*x.shape[:-1], gate.shape[0]).cast(x.dtype))
+      if cpu_kernels.matmul_usable(x, gate.dtype, x.device): return self.w2(cpu_kernels.matmul_swiglu(x, gate, up).cast(x.dtype))
     return self.w2(_silu(self.w1(x)) * self.w3(x))
 
 
