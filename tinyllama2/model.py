@@ -16,7 +16,7 @@ from tinygrad import Tensor, TinyJit, UOp, Variable, dtypes  # noqa: E402
 from tinygrad.dtype import DType  # noqa: E402
 from tinygrad.helpers import TRAINING  # noqa: E402
 
-from . import cpu_kernels  # noqa: E402
+from . import cpu_kernels, gpu_kernels  # noqa: E402
 from .config import ModelArgs  # noqa: E402
 from .fileio import release_mapped  # noqa: E402
 from .rope import rope_tables  # noqa: E402
@@ -46,6 +46,7 @@ class Linear:
     if cpu_kernels.usable(x, w.dtype, w.device):   # decoding one token on the CPU: a kernel that streams the weights
       return cpu_kernels.matvec(x, w).reshape(*x.shape[:-1], w.shape[0]).cast(x.dtype)
     if cpu_kernels.matmul_usable(x, w.dtype, w.device): return cpu_kernels.matmul(x, w).cast(x.dtype)
+    if gpu_kernels.usable(x, w) and (y := gpu_kernels.matvec(x, w)) is not None: return y
     return _grad_boundary(x @ w.T)
 
 
@@ -149,6 +150,7 @@ class FeedForward:
       if cpu_kernels.usable(x, gate.dtype, x.device):
         return self.w2(cpu_kernels.matvec_swiglu(x, gate, up).reshape(*x.shape[:-1], gate.shape[0]).cast(x.dtype))
       if cpu_kernels.matmul_usable(x, gate.dtype, x.device): return self.w2(cpu_kernels.matmul_swiglu(x, gate, up).cast(x.dtype))
+      if gpu_kernels.usable(x, gate) and (h := gpu_kernels.matvec_swiglu(x, gate, up)) is not None: return self.w2(h)
     return self.w2(_silu(self.w1(x)) * self.w3(x))
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 
-from . import cpu_kernels
+from . import cpu_kernels, gpu_kernels
 
 BLOCK = 32
 MODES = ("int8", "int4")
@@ -52,6 +52,9 @@ class QuantLinear:
     if cpu_kernels.matmul_usable(x, self.packed.dtype, self.packed.device):   # several rows (prefill) on the CPU
       kind = "q8_0" if self.mode == "int8" else "q4_0"
       return cpu_kernels.matmul(x, self.packed, self.scale, kind).cast(x.dtype)
+    if gpu_kernels.usable(x, self.packed):   # one row on a GPU
+      kernel = gpu_kernels.matvec_q8_0 if self.mode == "int8" else gpu_kernels.matvec_q4_0
+      if (y := kernel(x, self.packed, self.scale)) is not None: return y
     return x @ self.dequantize().T
 
   def nbytes(self) -> int: return self.packed.nbytes() + self.scale.nbytes()
