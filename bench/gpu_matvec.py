@@ -20,8 +20,7 @@ from tinyllama2 import gpu_kernels  # noqa: E402
 from tinyllama2.quantize import QuantLinear  # noqa: E402
 
 SHAPES = {"qo": (4096, 4096), "down": (4096, 11008), "gate_up": (11008, 4096), "head": (32000, 4096)}
-SCHEDULES = [gpu_kernels.MatvecSchedule(t, r, p) for t, r, p in
-             [(32, 4, 2), (32, 4, 1), (32, 8, 1), (32, 2, 4), (32, 4, 4), (16, 8, 2)]]
+SCHEDULES = [gpu_kernels.MatvecSchedule(t, r, p) for t, r, p in [(32, 4, 1), (32, 8, 1), (32, 2, 4), (32, 4, 2), (16, 8, 2)]]
 
 
 def _time(fn, n_bytes: int, reps: int = 10) -> float:
@@ -68,7 +67,7 @@ def main() -> None:
       ups = layers[copies:] if swiglu else [None] * copies
       xin = x_wide if K == 11008 else x
       for sched in [None] + SCHEDULES:
-        if sched is not None: gpu_kernels.set_schedule(sched)
+        if sched is not None: gpu_kernels.set_schedule("dense" if kind == "f16" else "blocks", sched)
         if _call(kind, layers[0], xin, sched is None, ups[0]) is None: continue
         fn = TinyJit(lambda: Tensor.stack(*[_call(kind, lay, xin, sched is None, up).reshape(-1)
                                             for lay, up in zip(layers, ups)]).realize())
@@ -76,7 +75,7 @@ def main() -> None:
         label = "tinygrad x @ W.T" if sched is None else f"{sched.threads}t x {sched.rows}r x {sched.rows_per_thread}"
         print(f"{kind} | {name} {N}x{K} | {label} | {gbs:.0f}", flush=True)
       layers.clear()
-  gpu_kernels.set_schedule(gpu_kernels.DEFAULT_SCHEDULE)
+  for kind, sched in gpu_kernels.SCHEDULES.items(): gpu_kernels.set_schedule(kind, sched)
 
 
 if __name__ == "__main__":

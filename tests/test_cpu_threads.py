@@ -79,7 +79,8 @@ def test_a_kernel_that_finds_the_mailbox_taken_does_all_its_rows_alone():
   state = ctypes.c_uint64.from_address(pool.address + 8 * cpu_threads.STATE)
   next_chunk = ctypes.c_uint64.from_address(pool.address + 8 * cpu_threads.NEXT)
   wt = Tensor(w, device=DEV).realize()
-  cpu_kernels.matvec(Tensor(x, device=DEV), wt).realize()   # compiled and run once normally
+  cpu_kernels.matvec(Tensor(x, device=DEV), wt).numpy()   # compiled and run once normally, and finished (realize()
+  # may return while tinygrad's queue worker still runs it, which then releases the mailbox poked below)
   state.value, next_chunk.value = 1, 5   # as if another kernel were running
   try:
     y = cpu_kernels.matvec(Tensor(-x, device=DEV), wt).numpy()

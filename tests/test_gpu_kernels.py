@@ -64,5 +64,49 @@ def test_shapes_that_do_not_split_fall_back():
 
 def test_schedule_divides_the_shape():
   s = gpu_kernels.MatvecSchedule(threads=32, rows=4, rows_per_thread=2)
-  opts = s.opts(30, 288, 8)   # 288/8 = 36 loads per row: 4 threads; 30 rows: 2 per thread, 1 per group (15 odd)
-  assert [o.arg for o in opts] == [8, 4, 2]
+  # 288/8 = 36 loads per row: 36 threads (a divisor near 32), then one row per group; 30 rows: 2 per thread
+  assert [o.arg for o in s.opts(30, 288, 8)] == [8, 36, 2]
+  assert [o.op.name for o in s.opts(30, 288, 8)] == ["UNROLL", "GROUP", "UPCAST"]
+  # 11008/8 = 1376 = 32 x 43: 32 threads; 344 Q8_0 blocks = 8 x 43: 43 threads rather than 8
+  assert [o.arg for o in s.opts(4096, 11008, 8)] == [8, 32, 4, 2]
+  assert s.opts(4096, 344, 1)[1].arg == 43
+
+
+def test_concat_reads_each_rows_own_weight():
+  dev, rng = _device(), np.random.default_rng(3)
+  K = 256
+  ws = [rng.standard_normal((n, K)).astype(np.float32) for n in (64, 16, 16)]
+  x = rng.standard_normal(K).astype(np.float32)
+  y = gpu_kernels.matvec_concat(Tensor(x, device=dev).reshape(1, 1, K), [Tensor(w, device=dev) for w in ws])
+  np.testing.assert_allclose(y.numpy().reshape(-1), np.concatenate(ws) @ x, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [dtypes.float32, dtypes.float16])
+def test_decode_attention_at_symbolic_positions(dtype):
+  """Each step writes its key and value at `pos` (as the model does, which binds the position in the graph), then
+  attends over positions 0..pos with GQA heads: one compiled graph for every position."""
+  from tinygrad import TinyJit, Variable
+  dev, rng = _device(), np.random.default_rng(7)
+  H, KV, D, max_len = 8, 2, 32, 24
+  npd = np.float16 if dtype == dtypes.float16 else np.float32
+  k, v = np.zeros((1, KV, max_len, D), npd), np.zeros((1, KV, max_len, D), npd)
+  ck, cv = Tensor(k, device=dev).contiguous().realize(), Tensor(v, device=dev).contiguous().realize()
+  pos_var = Variable("start_pos", 0, max_len - 1)
+
+  def step(q: Tensor, k_new: Tensor, v_new: Tensor, pos) -> Tensor:
+    ck[:, :, pos:pos + 1].assign(k_new)
+    cv[:, :, pos:pos + 1].assign(v_new)
+    return gpu_kernels.attention(q, ck, cv, pos).realize()
+  jit = TinyJit(step)
+  for pos in range(12):
+    q = rng.standard_normal((1, 1, H, D)).astype(npd)
+    k[:, :, pos], v[:, :, pos] = (rng.standard_normal((1, KV, D)).astype(npd) for _ in range(2))
+    got = jit(*(Tensor(a, device=dev).realize() for a in (q, k[:, :, pos:pos + 1], v[:, :, pos:pos + 1])),
+              pos_var.bind(pos)).numpy().reshape(H, D)
+    kh = np.repeat(k[0, :, :pos + 1].astype(np.float64), H // KV, axis=0)   # query head h reads kv head h // 4
+    vh = np.repeat(v[0, :, :pos + 1].astype(np.float64), H // KV, axis=0)
+    s = np.einsum("hd,hsd->hs", q[0, 0].astype(np.float64), kh) / np.sqrt(D)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("hs,hsd->hd", p / p.sum(-1, keepdims=True), vh)
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == dtypes.float16 else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, want, **tol, err_msg=f"position {pos}")

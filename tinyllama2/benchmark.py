@@ -75,10 +75,18 @@ def bytes_per_decode_step(model) -> int:
   return total - (model.tok_embeddings.weight.nbytes() if model.output is not None else 0)
 
 
-def _kernels_per_decode_step(decoder, token: int, pos: int) -> int:
+def _eager_decode_step(model, token: int, pos: int) -> None:
+  """One decode step outside the JIT: kernel by kernel, so counts and DEBUG=2 times are per kernel (a GPU's JIT
+  replays the step as a few CUDA graphs, which tinygrad counts and times as one kernel each)."""
+  rt = model._runtime
+  model.decode_step(rt.tok_var.bind(token), rt.pos_var.bind(pos)).realize()
+
+
+def _kernels_per_decode_step(model, token: int, pos: int) -> int:
   from tinygrad import GlobalCounters
+  _eager_decode_step(model, token, pos)   # the first eager run schedules and compiles
   GlobalCounters.reset()
-  decoder.step(token, pos)
+  _eager_decode_step(model, token, pos)
   return GlobalCounters.kernel_count
 
 
@@ -121,9 +129,10 @@ def profile_kernels(fn) -> list[tuple[str, float, float]]:
 def _custom_kernel_gb_s(name: str, microseconds: float) -> float | None:
   """tinygrad has no byte count for our C matvec kernels; their names carry the weight shape and kind."""
   from .cpu_kernels import BYTES_PER_WEIGHT
-  m = re.fullmatch(r"matvec_(\w+?)_(\d+)_(\d+)", name)
-  if m is None or m.group(1) not in BYTES_PER_WEIGHT: return None
-  return int(m.group(2)) * int(m.group(3)) * BYTES_PER_WEIGHT[m.group(1)] / (microseconds * 1e3)
+  m = re.fullmatch(r"(matvec\d?|swiglu)_(\w+?)_(\d+)_(\d+)", name)
+  if m is None or m.group(2) not in BYTES_PER_WEIGHT: return None
+  matrices = 2 if m.group(1) == "swiglu" else 1
+  return matrices * int(m.group(3)) * int(m.group(4)) * BYTES_PER_WEIGHT[m.group(2)] / (microseconds * 1e3)
 
 
 def format_profile(rows: list[tuple[str, float, float]], top: int = 15) -> str:
@@ -132,6 +141,10 @@ def format_profile(rows: list[tuple[str, float, float]], top: int = 15) -> str:
            "kernel | us | share | GB/s", "--- | --- | --- | ---"]
   for name, t, gbs in sorted(rows, key=lambda r: -r[1])[:top]:
     lines.append(f"{name} | {t:.0f} | {t / max(total, 1e-9):.0%} | {gbs:.0f}")
+  by_kind: dict[str, list[float]] = {}
+  for name, t, _ in rows: by_kind.setdefault(re.sub(r"(_\d+|_\(.*)+$", "", name.split()[0]), []).append(t)
+  lines.append("by kind: " + ", ".join(f"{k} {len(ts)}x {sum(ts) / 1e3:.2f} ms"
+                                      for k, ts in sorted(by_kind.items(), key=lambda kv: -sum(kv[1]))))
   return "\n".join(lines)
 
 
@@ -162,12 +175,12 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
   ttft_cold, _, _, _ = run()
   for _ in range(2): dec.prefill(prompt)   # capture the prefill graph, then its first (slower) replay
   ttft_warm, prefill, decode, tok = run()
-  kernels = _kernels_per_decode_step(dec, tok, prompt_len)
+  kernels = _kernels_per_decode_step(m, tok, prompt_len)
   if profile:
     if os.environ.get("HCQ2", "0") != "0":
       print("note: HCQ2 is on: kernels run asynchronously and their DEBUG=2 times are not per kernel; use HCQ2=0")
     print(f"\n{model} {m.device} {dtype} {quantize or ''}: decode step\n" +
-          format_profile(profile_kernels(lambda: dec.step(tok, prompt_len))))
+          format_profile(profile_kernels(lambda: _eager_decode_step(m, tok, prompt_len))))
     print(f"{model} {m.device} {dtype} {quantize or ''}: prefill of {prompt_len} tokens\n" +
           format_profile(profile_kernels(lambda: dec.prefill(prompt)), top=8))
   weight_bytes = bytes_per_decode_step(m)

@@ -36,15 +36,17 @@ class MatvecSchedule:
   """How the work of y = W x is laid out on a GPU (upper bounds; each is reduced until it divides the shape)."""
   threads: int = 32          # threads of a work group that share one row's reduction
   rows: int = 4              # rows per work group
-  rows_per_thread: int = 2   # rows each thread accumulates, reusing its loads of x
+  rows_per_thread: int = 1   # rows each thread accumulates, reusing its loads of x
 
   def opts(self, n_out: int, n_reduce: int, unroll: int) -> tuple[Opt, ...] | None:
     """tinygrad optimizations for an [n_out, n_reduce] product loading `unroll` elements at once; None when the
     shape does not split (then the caller keeps tinygrad's generic kernel)."""
     if n_reduce % unroll: return None
-    threads = _largest_divisor(n_reduce // unroll, self.threads)
+    threads = _threads_for(n_reduce // unroll, self.threads)
     per_thread = _largest_divisor(n_out, self.rows_per_thread)
-    rows = _largest_divisor(n_out // per_thread, self.rows)
+    # one row per work group when the thread count is not a power of two: PoCL miscomputes fp16 reductions over
+    # 2-D work groups of such sizes (36 x 2 threads gave wrong sums in tests/test_gpu_kernels.py)
+    rows = _largest_divisor(n_out // per_thread, self.rows if threads & (threads - 1) == 0 else 1)
     if threads < 4: return None
     opts = [Opt(OptOps.UNROLL, 0, unroll), Opt(OptOps.GROUP, 0, threads)]
     if rows > 1: opts.append(Opt(OptOps.LOCAL, 0, rows))
@@ -52,14 +54,16 @@ class MatvecSchedule:
     return tuple(opts)
 
 
-DEFAULT_SCHEDULE = MatvecSchedule()
-_schedule = DEFAULT_SCHEDULE
+# Measured on an H200 with llama2-7b's shapes (bench/gpu_matvec.py, see README): fp16 rows stream at 2.9-4.1 TB/s
+# with 32 threads per row and 4 rows per work group; the block kernels do more arithmetic per byte and do best
+# with each thread accumulating 4 rows.
+SCHEDULES = {"dense": MatvecSchedule(32, 4, 1), "blocks": MatvecSchedule(32, 2, 4)}
+_schedules = dict(SCHEDULES)
 
 
-def set_schedule(schedule: MatvecSchedule) -> MatvecSchedule:
-  """Use `schedule` for kernels built from now on (bench/gpu_matvec.py compares schedules); returns the old one."""
-  global _schedule
-  old, _schedule = _schedule, schedule
+def set_schedule(kind: str, schedule: MatvecSchedule) -> MatvecSchedule:
+  """Use `schedule` for the "dense" or "blocks" (Q8_0/Q4_0) kernels built from now on; returns the old one."""
+  old, _schedules[kind] = _schedules[kind], schedule
   return old
 
 
@@ -68,6 +72,15 @@ def _largest_divisor(n: int, at_most: int) -> int:
   d = 1
   while d * 2 <= at_most and n % (d * 2) == 0: d *= 2
   return d
+
+
+def _threads_for(n: int, wanted: int) -> int:
+  """Threads sharing a reduction of n steps: a power of two up to `wanted` when one divides n well, else any divisor
+  of n near `wanted` (llama2-7b's FFN has 344 blocks of 32 per row: 43 threads beat 8)."""
+  d = _largest_divisor(n, wanted)
+  if d * 2 > wanted: return d
+  near = [t for t in range(wanted // 2, wanted * 2 + 1) if n % t == 0]
+  return min(near, key=lambda t: abs(t - wanted)) if near else d
 
 
 @functools.cache
@@ -106,16 +119,33 @@ def _unroll(dtype: DType) -> int: return LOAD_BYTES // dtype.itemsize
 def matvec(x: Tensor, weight: Tensor) -> Tensor | None:
   """x [..., K] (one row) @ weight.T for weight [N, K]: the row [..., N] in x's dtype, or None if it does not fit."""
   N, K = weight.shape
-  if (opts := _schedule.opts(N, K, _unroll(weight.dtype))) is None: return None
+  if (opts := _schedules["dense"].opts(N, K, _unroll(weight.dtype))) is None: return None
   body = lambda i, xp, wp: _row_dot(xp, wp, i, UOp.range(K, 1, AxisType.REDUCE))
   y = _launch(f"gpu_matvec_{N}_{K}", N, x.dtype, [x.reshape(K), weight], body, opts)
+  return y.reshape(*x.shape[:-1], N)
+
+
+def matvec_concat(x: Tensor, weights: list[Tensor]) -> Tensor | None:
+  """x (one row) @ [W0; W1; ...].T in one kernel: the q, k and v projections of a token. Row i of the output reads
+  the weight that holds it; the other loads are masked off (they read no memory)."""
+  sizes, K = [w.shape[0] for w in weights], weights[0].shape[1]
+  N = sum(sizes)
+  opts = _schedules["dense"].opts(N, K, _unroll(weights[0].dtype))
+  if opts is None or any(w.shape[1] != K or w.dtype != weights[0].dtype for w in weights): return None
+  def body(i: UOp, xp: UOp, *wps: UOp) -> UOp:
+    k, start, w_ik = UOp.range(K, 1, AxisType.REDUCE), 0, None
+    for wp, n in zip(wps, sizes):
+      row = (i - start).valid((i >= start) & (i < start + n)) if len(wps) > 1 else i
+      w_ik, start = wp[row, k].cast(dtypes.float) if w_ik is None else w_ik + wp[row, k].cast(dtypes.float), start + n
+    return (xp[k].cast(dtypes.float) * w_ik).reduce(k, arg=Ops.ADD)
+  y = _launch(f"gpu_matvec{len(weights)}_{N}_{K}", N, x.dtype, [x.reshape(K), *weights], body, opts)
   return y.reshape(*x.shape[:-1], N)
 
 
 def matvec_swiglu(x: Tensor, gate: Tensor, up: Tensor) -> Tensor | None:
   """silu(x @ gate.T) * (x @ up.T) for one row x in one kernel that reads both matrices once."""
   N, K = gate.shape
-  if (opts := _schedule.opts(N, K, _unroll(gate.dtype))) is None: return None
+  if (opts := _schedules["dense"].opts(N, K, _unroll(gate.dtype))) is None: return None
   def body(i: UOp, xp: UOp, gp: UOp, up_: UOp) -> UOp:
     k = UOp.range(K, 1, AxisType.REDUCE)   # one range for both sums: the optimizations apply to both
     g, u = _row_dot(xp, gp, i, k), _row_dot(xp, up_, i, k)
@@ -136,7 +166,7 @@ def _blocks_opts(n_out: int, n_blocks: int, words_per_block: int) -> tuple[Opt, 
   """Optimizations for a reduction over (block, word of the block, byte of the word): the bytes and up to four words
   (16 bytes) are unrolled into one load, threads of a work group take consecutive blocks."""
   unroll_words = _largest_divisor(words_per_block, LOAD_BYTES // 4)
-  opts = _schedule.opts(n_out, n_blocks, 1)
+  opts = _schedules["blocks"].opts(n_out, n_blocks, 1)
   if opts is None: return None
   return (Opt(OptOps.UNROLL, 2, 4), Opt(OptOps.UNROLL, 1, unroll_words)) + opts[1:]
 
@@ -158,10 +188,9 @@ def matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor | None:
   if (opts := _blocks_opts(N, nb, wpb)) is None: return None
   def body(i: UOp, xp: UOp, qp: UOp, sp: UOp) -> UOp:
     b, w, c = _block_ranges(nb, wpb)
-    v = _byte(_as_words(qp), i, b * wpb + w, c)
-    q = v - ((v >> 7) << 8)   # two's complement
-    term = xp[b * QBLOCK + w * 4 + c].cast(dtypes.float) * q.cast(dtypes.float) * sp[i, b].cast(dtypes.float)
-    return term.reduce(b, w, c, arg=Ops.ADD)
+    q = (_as_words(qp)[i, b * wpb + w] >> (c * 8)).cast(dtypes.int8)   # the byte as a signed value (one PRMT/I2F)
+    block_dot = (xp[b * QBLOCK + w * 4 + c].cast(dtypes.float) * q.cast(dtypes.float)).reduce(w, c, arg=Ops.ADD)
+    return (block_dot * sp[i, b].cast(dtypes.float)).reduce(b, arg=Ops.ADD)
   y = _launch(f"gpu_matvec_q8_0_{N}_{K}", N, x.dtype, [x.reshape(K), packed, scale], body, opts)
   return y.reshape(*x.shape[:-1], N)
 
@@ -178,6 +207,59 @@ def matvec_q4_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor | None:
     lo, hi = (v & 15) - 8, (v >> 4) - 8
     j = b * QBLOCK + w * 4 + c
     pair = xp[j].cast(dtypes.float) * lo.cast(dtypes.float) + xp[j + half].cast(dtypes.float) * hi.cast(dtypes.float)
-    return (pair * sp[i, b].cast(dtypes.float)).reduce(b, w, c, arg=Ops.ADD)
+    return (pair.reduce(w, c, arg=Ops.ADD) * sp[i, b].cast(dtypes.float)).reduce(b, arg=Ops.ADD)
   y = _launch(f"gpu_matvec_q4_0_{N}_{K}", N, x.dtype, [x.reshape(K), packed, scale], body, opts)
   return y.reshape(*x.shape[:-1], N)
+
+
+# ---- attention of one new token over the KV cache ----------------------------------------------------------------
+
+def attention_usable(q: Tensor, cache_k: Tensor, key_bias: Tensor | None) -> bool:
+  """Decoding one token of one sequence (no padding bias) on a device with work groups."""
+  B, T, _, D = q.shape
+  return B == 1 and T == 1 and key_bias is None and not TRAINING and isinstance(q.device, str) and available(q.device) \
+    and all(isinstance(s, int) for s in cache_k.shape) and isinstance(D, int)
+
+
+def _kernel_position(start_pos: int | UOp) -> int | UOp:
+  """The position as the kernels see it: an int, or the bound Variable's kernel-side parameter (its value arrives
+  with each launch, so one compiled kernel serves every position)."""
+  if isinstance(start_pos, int): return start_pos
+  var = start_pos.unbind()[0] if start_pos.is_bound_var else start_pos
+  return UOp.variable(var.arg.name, var.vmin, var.vmax, var.dtype, param=True)
+
+
+def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp) -> Tensor:
+  """softmax(q k^T / sqrt(D)) v over cache positions 0..start_pos for q [1, 1, H, D] (RoPE applied, this token's
+  k and v already in the cache [1, KV, max_len, D]) in two kernels: the scores, then softmax and the weighted
+  sum of values together (tinygrad's generic path takes five: scores, max, sum of exp, normalize, values)."""
+  _, _, H, D = q.shape
+  _, KV, max_len, _ = cache_k.shape
+  group, scale = H // KV, 1.0 / math.sqrt(D)
+  unroll = _largest_divisor(D, _unroll(cache_k.dtype))
+  threads = _largest_divisor(D // unroll, 32)
+
+  def scores_kernel(out: UOp, qp: UOp, kp: UOp) -> UOp:
+    n = _kernel_position(start_pos) + 1
+    h, s, e = UOp.range(H, 0), UOp.range(n, 1), UOp.range(D, 2, AxisType.REDUCE)
+    dot = (qp[0, 0, h, e].cast(dtypes.float) * kp[0, h // group, s, e].cast(dtypes.float)).reduce(e, arg=Ops.ADD)
+    opts = (Opt(OptOps.UNROLL, 0, unroll), Opt(OptOps.GROUP, 0, threads)) if threads > 1 else ()
+    return out[h, s].store(dot * scale).end(h, s).sink(arg=KernelInfo(name=f"gpu_attn_scores_{H}_{D}", opts_to_apply=opts))
+
+  def values_kernel(out: UOp, sp: UOp, vp: UOp) -> UOp:
+    n = _kernel_position(start_pos) + 1
+    h, d = UOp.range(H, 0), UOp.range(D, 1)
+    s1, s2, s3 = (UOp.range(n, i, AxisType.REDUCE) for i in (2, 3, 4))
+    top = sp[h, s1].reduce(s1, arg=Ops.MAX)
+    weight = lambda s: ((sp[h, s] - top) * 1.4426950408889634).exp2()
+    total = weight(s2).reduce(s2, arg=Ops.ADD)
+    acc = (weight(s3) * vp[0, h // group, s3, d].cast(dtypes.float)).reduce(s3, arg=Ops.ADD)
+    per_thread = _largest_divisor(D, 4)
+    opts = (Opt(OptOps.LOCAL, 1, _largest_divisor(D // per_thread, 32)),) + \
+      ((Opt(OptOps.UPCAST, 1, per_thread),) if per_thread > 1 else ())
+    return out[h, d].store((acc / total).cast(q.dtype)).end(h, d) \
+      .sink(arg=KernelInfo(name=f"gpu_attn_values_{H}_{D}", opts_to_apply=opts))
+
+  scores = Tensor.empty(H, max_len, dtype=dtypes.float32, device=q.device).custom_kernel(q, cache_k, fxn=scores_kernel)[0]
+  out = Tensor.empty(H, D, dtype=q.dtype, device=q.device).custom_kernel(scores, cache_v, fxn=values_kernel)[0]
+  return out.reshape(1, 1, H, D)

@@ -113,6 +113,8 @@ class Attention:
       if cpu_kernels.attention_usable(q, cache.k.dtype):
         out = cpu_kernels.attention(q, cache.k, cache.v, start_pos, key_bias).cast(x.dtype)
         return self.wo(out.reshape(B, T, H * D))
+      if gpu_kernels.attention_usable(q, cache.k, key_bias):
+        return self.wo(gpu_kernels.attention(q, cache.k, cache.v, start_pos).reshape(B, T, H * D))
       keys = cache.k[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)     # [B, KV, 1, S, D]
       values = cache.v[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)
     # query head h reads kv head h // (H // KV): group the query heads under their kv head
@@ -135,6 +137,9 @@ class Attention:
       qkv = cpu_kernels.matvec_concat(x, w).cast(x.dtype)   # one kernel for the three projections
       splits = [0, w[0].shape[0], w[0].shape[0] + w[1].shape[0], qkv.shape[0]]
       return tuple(qkv[a:b].reshape(*x.shape[:-1], b - a) for a, b in zip(splits, splits[1:]))
+    if len(w) == 3 and gpu_kernels.usable(x, w[0]) and (qkv := gpu_kernels.matvec_concat(x, w)) is not None:
+      splits = [0, w[0].shape[0], w[0].shape[0] + w[1].shape[0], qkv.shape[-1]]
+      return tuple(qkv[..., a:b] for a, b in zip(splits, splits[1:]))
     return self.wq(x), self.wk(x), self.wv(x)
 
 
