@@ -21,8 +21,8 @@ echo "NVRTC_PATH=$NVRTC_PATH" | tee "$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv | tee "$OUT/gpu.txt"
 python3 -c "from tinygrad import Tensor; print('smoke', (Tensor([1.0, 2.0]) + 1).tolist())" 2>&1 | tail -3 | tee -a "$OUT/env.txt"
 
-timeout ${BENCH_S:-240} python3 bench/bench.py --model ${BENCH_MODEL:-llama2-7b} --dtype float16 --quantize none \
+timeout ${BENCH_S:-200} python3 bench/bench.py --model ${BENCH_MODEL:-llama2-7b} --dtype float16 --quantize none \
   --quantize int8 --quantize int4 --profile --json "$OUT/bench.json" 2>&1 | grep -v "^bench:" | tee "$OUT/bench.txt"
 timeout ${MATVEC_S:-110} python3 bench/gpu_matvec.py --bytes 256e6 2>&1 | tee "$OUT/matvec.txt"
-timeout ${TESTS_S:-90} python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py tests/test_parity.py \
+timeout ${TESTS_S:-75} python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py tests/test_parity.py \
   tests/test_quantize.py 2>&1 | tail -15 | tee "$OUT/tests.txt"

@@ -56,8 +56,8 @@ class MatvecSchedule:
 
 # Measured on an H200 with llama2-7b's shapes (bench/gpu_matvec.py, see README): fp16 rows stream at 2.9-4.1 TB/s
 # with 32 threads per row and 4 rows per work group; the block kernels do more arithmetic per byte and do best
-# with each thread accumulating 4 rows.
-SCHEDULES = {"dense": MatvecSchedule(32, 4, 1), "blocks": MatvecSchedule(32, 2, 4)}
+# with each thread accumulating 2 rows (Q8_0 1.9-2.7 TB/s, Q4_0 1.0-1.7 TB/s).
+SCHEDULES = {"dense": MatvecSchedule(32, 4, 1), "blocks": MatvecSchedule(32, 4, 2)}
 _schedules = dict(SCHEDULES)
 
 
@@ -148,8 +148,7 @@ def matvec_swiglu(x: Tensor, gate: Tensor, up: Tensor) -> Tensor | None:
   if (opts := _schedules["dense"].opts(N, K, _unroll(gate.dtype))) is None: return None
   def body(i: UOp, xp: UOp, gp: UOp, up_: UOp) -> UOp:
     k = UOp.range(K, 1, AxisType.REDUCE)   # one range for both sums: the optimizations apply to both
-    g, u = _row_dot(xp, gp, i, k), _row_dot(xp, up_, i, k)
-    return g * (1.0 / (1.0 + (g * -1.4426950408889634).exp2())) * u
+    return _silu(_row_dot(xp, gp, i, k)) * _row_dot(xp, up_, i, k)
   y = _launch(f"gpu_matvec_swiglu_{N}_{K}", N, x.dtype, [x.reshape(K), gate, up], body, opts)
   return y.reshape(*x.shape[:-1], N)
 
@@ -171,45 +170,82 @@ def _blocks_opts(n_out: int, n_blocks: int, words_per_block: int) -> tuple[Opt, 
   return (Opt(OptOps.UNROLL, 2, 4), Opt(OptOps.UNROLL, 1, unroll_words)) + opts[1:]
 
 
-def _block_ranges(n_blocks: int, words_per_block: int) -> tuple[UOp, UOp, UOp]:
-  return (UOp.range(n_blocks, 1, AxisType.REDUCE), UOp.range(words_per_block, 2, AxisType.REDUCE),
-          UOp.range(4, 3, AxisType.REDUCE))
+def _block_term(kind: str, xp: UOp, qp: UOp, sp: UOp, row: UOp, b: UOp, w: UOp, c: UOp) -> UOp:
+  """scale[row, b] × (block b of weight row `row` · the matching 32 values of x), summed over the block's words w
+  and bytes c. Q8_0: one signed byte per value. Q4_0: byte j of a block holds value j (low nibble) and j + 16."""
+  wpb = qp.shape[-1] // 4
+  word = _as_words(qp)[row, b * wpb + w]
+  j = b * QBLOCK + w * 4 + c
+  if kind == "q8_0":
+    q = (word >> (c * 8)).cast(dtypes.int8).cast(dtypes.float)   # the byte as a signed value (one PRMT/I2F)
+    dot = xp[j].cast(dtypes.float) * q
+  else:
+    v = (word >> (c * 8)) & 255
+    lo, hi = ((v & 15) - 8).cast(dtypes.float), ((v >> 4) - 8).cast(dtypes.float)
+    dot = xp[j].cast(dtypes.float) * lo + xp[j + QBLOCK // 2].cast(dtypes.float) * hi
+  return dot.reduce(w, c, arg=Ops.ADD) * sp[row, b].cast(dtypes.float)
 
 
-def _byte(words: UOp, row: UOp, word: UOp, byte: UOp) -> UOp:
-  """Byte `byte` (0..255) of word `word` of row `row` of packed bytes read as little-endian int32 words."""
-  return (words[row, word] >> (byte * 8)) & 255
+def _blocks(kind: str, name: str, x: Tensor, layers: list[tuple[Tensor, Tensor]], combine) -> Tensor | None:
+  """A kernel over the rows of several Q8_0/Q4_0 matrices (packed [N, K/32, bytes per block], scale [N, K/32]) of
+  the same K: combine(row, terms) gets each matrix's block terms for output row `row` and returns its value."""
+  nb, wpb = layers[0][0].shape[1], layers[0][0].shape[2] // 4
+  if any(p.shape[1:] != layers[0][0].shape[1:] for p, _ in layers): return None
+  K, N = nb * QBLOCK, combine.n_out
+  if (opts := _blocks_opts(N, nb, wpb)) is None: return None
+  def body(i: UOp, xp: UOp, *params: UOp) -> UOp:
+    b, w, c = UOp.range(nb, 1, AxisType.REDUCE), UOp.range(wpb, 2, AxisType.REDUCE), UOp.range(4, 3, AxisType.REDUCE)
+    terms = [lambda row, qp=qp, sp=sp: _block_term(kind, xp, qp, sp, row, b, w, c) for qp, sp in zip(params[::2], params[1::2])]
+    return combine(i, terms, b)
+  inputs = [x.reshape(K)] + [t for layer in layers for t in layer]
+  y = _launch(f"gpu_{name}_{kind}_{N}_{K}", N, x.dtype, inputs, body, opts)
+  return y.reshape(*x.shape[:-1], N)
+
+
+class _Rows:
+  """combine for `_blocks`: output rows are the rows of the matrices one after another (q, k and v in one kernel);
+  row i reads only the matrix that holds it (the other loads are masked off and read no memory)."""
+  def __init__(self, sizes: list[int]): self.sizes, self.n_out = sizes, sum(sizes)
+
+  def __call__(self, i: UOp, terms, b: UOp) -> UOp:
+    start, total = 0, None
+    for term, n in zip(terms, self.sizes):
+      row = (i - start).valid((i >= start) & (i < start + n)) if len(terms) > 1 else i
+      total, start = term(row) if total is None else total + term(row), start + n
+    return total.reduce(b, arg=Ops.ADD)
+
+
+class _SwiGLU:
+  """combine for `_blocks`: silu(gate row i · x) × (up row i · x)."""
+  def __init__(self, n: int): self.n_out = n
+
+  def __call__(self, i: UOp, terms, b: UOp) -> UOp:
+    g, u = (term(i).reduce(b, arg=Ops.ADD) for term in terms)
+    return _silu(g) * u
+
+
+def _silu(g: UOp) -> UOp: return g * (1.0 / (1.0 + (g * -1.4426950408889634).exp2()))
+
+
+def matvec_blocks(kind: str, x: Tensor, layers: list[tuple[Tensor, Tensor]]) -> Tensor | None:
+  """One row x @ [dequant(W0); dequant(W1); ...].T for Q8_0 ("q8_0") or Q4_0 ("q4_0") layers (packed, scale)."""
+  return _blocks(kind, f"matvec{len(layers) if len(layers) > 1 else ''}", x, layers, _Rows([p.shape[0] for p, _ in layers]))
+
+
+def matvec_blocks_swiglu(kind: str, x: Tensor, gate: tuple[Tensor, Tensor], up: tuple[Tensor, Tensor]) -> Tensor | None:
+  """silu(x @ dequant(gate).T) * (x @ dequant(up).T) for one row x, both matrices read once."""
+  return _blocks(kind, "matvec_swiglu", x, [gate, up], _SwiGLU(gate[0].shape[0]))
 
 
 def matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor | None:
   """One row x @ dequant(W).T for Q8_0 blocks: packed int8 [N, K/32, 32], scale fp16 [N, K/32]."""
-  N, nb, _ = packed.shape
-  K, wpb = nb * QBLOCK, QBLOCK // 4
-  if (opts := _blocks_opts(N, nb, wpb)) is None: return None
-  def body(i: UOp, xp: UOp, qp: UOp, sp: UOp) -> UOp:
-    b, w, c = _block_ranges(nb, wpb)
-    q = (_as_words(qp)[i, b * wpb + w] >> (c * 8)).cast(dtypes.int8)   # the byte as a signed value (one PRMT/I2F)
-    block_dot = (xp[b * QBLOCK + w * 4 + c].cast(dtypes.float) * q.cast(dtypes.float)).reduce(w, c, arg=Ops.ADD)
-    return (block_dot * sp[i, b].cast(dtypes.float)).reduce(b, arg=Ops.ADD)
-  y = _launch(f"gpu_matvec_q8_0_{N}_{K}", N, x.dtype, [x.reshape(K), packed, scale], body, opts)
-  return y.reshape(*x.shape[:-1], N)
+  return matvec_blocks("q8_0", x, [(packed, scale)])
 
 
 def matvec_q4_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor | None:
   """One row x @ dequant(W).T for Q4_0 blocks: packed uint8 [N, K/32, 16] (element j in the low nibble of byte j,
   element j + 16 in the high nibble), scale fp16 [N, K/32]."""
-  N, nb, half = packed.shape
-  K, wpb = nb * QBLOCK, half // 4
-  if (opts := _blocks_opts(N, nb, wpb)) is None: return None
-  def body(i: UOp, xp: UOp, qp: UOp, sp: UOp) -> UOp:
-    b, w, c = _block_ranges(nb, wpb)
-    v = _byte(_as_words(qp), i, b * wpb + w, c)
-    lo, hi = (v & 15) - 8, (v >> 4) - 8
-    j = b * QBLOCK + w * 4 + c
-    pair = xp[j].cast(dtypes.float) * lo.cast(dtypes.float) + xp[j + half].cast(dtypes.float) * hi.cast(dtypes.float)
-    return (pair.reduce(w, c, arg=Ops.ADD) * sp[i, b].cast(dtypes.float)).reduce(b, arg=Ops.ADD)
-  y = _launch(f"gpu_matvec_q4_0_{N}_{K}", N, x.dtype, [x.reshape(K), packed, scale], body, opts)
-  return y.reshape(*x.shape[:-1], N)
+  return matvec_blocks("q4_0", x, [(packed, scale)])
 
 
 # ---- attention of one new token over the KV cache ----------------------------------------------------------------

@@ -133,14 +133,21 @@ class Attention:
   def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     projections = (self.wq, self.wk, self.wv)
     w = [p.weight for p in projections if type(p) is Linear]   # plain float layers (not LoRA, not quantized)
+    qkv = None
     if len(w) == 3 and cpu_kernels.usable(x, w[0].dtype, w[0].device):
-      qkv = cpu_kernels.matvec_concat(x, w).cast(x.dtype)   # one kernel for the three projections
-      splits = [0, w[0].shape[0], w[0].shape[0] + w[1].shape[0], qkv.shape[0]]
-      return tuple(qkv[a:b].reshape(*x.shape[:-1], b - a) for a, b in zip(splits, splits[1:]))
-    if len(w) == 3 and gpu_kernels.usable(x, w[0]) and (qkv := gpu_kernels.matvec_concat(x, w)) is not None:
-      splits = [0, w[0].shape[0], w[0].shape[0] + w[1].shape[0], qkv.shape[-1]]
-      return tuple(qkv[..., a:b] for a, b in zip(splits, splits[1:]))
-    return self.wq(x), self.wk(x), self.wv(x)
+      qkv = cpu_kernels.matvec_concat(x, w).cast(x.dtype).reshape(*x.shape[:-1], -1)   # one kernel for the three
+    elif len(w) == 3 and gpu_kernels.usable(x, w[0]): qkv = gpu_kernels.matvec_concat(x, w)
+    elif (kind := _block_kind(projections)) and gpu_kernels.usable(x, self.wq.packed):
+      qkv = gpu_kernels.matvec_blocks(kind, x, [(p.packed, p.scale) for p in projections])
+    if qkv is None: return self.wq(x), self.wk(x), self.wv(x)
+    q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+    return qkv[..., :q_out], qkv[..., q_out:q_out + kv_out], qkv[..., q_out + kv_out:]
+
+
+def _block_kind(layers) -> str | None:
+  """"q8_0" or "q4_0" when every layer is a quantized layer (quantize.QuantLinear) of that one kind, else None."""
+  kinds = {getattr(layer, "block_kind", None) for layer in layers}
+  return kinds.pop() if len(kinds) == 1 and None not in kinds else None
 
 
 class FeedForward:
@@ -156,6 +163,9 @@ class FeedForward:
         return self.w2(cpu_kernels.matvec_swiglu(x, gate, up).reshape(*x.shape[:-1], gate.shape[0]).cast(x.dtype))
       if cpu_kernels.matmul_usable(x, gate.dtype, x.device): return self.w2(cpu_kernels.matmul_swiglu(x, gate, up).cast(x.dtype))
       if gpu_kernels.usable(x, gate) and (h := gpu_kernels.matvec_swiglu(x, gate, up)) is not None: return self.w2(h)
+    elif (kind := _block_kind((self.w1, self.w3))) and gpu_kernels.usable(x, self.w1.packed):
+      gate_up = ((self.w1.packed, self.w1.scale), (self.w3.packed, self.w3.scale))
+      if (h := gpu_kernels.matvec_blocks_swiglu(kind, x, *gate_up)) is not None: return self.w2(h)
     return self.w2(_silu(self.w1(x)) * self.w3(x))
 
 

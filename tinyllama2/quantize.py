@@ -26,6 +26,11 @@ class QuantLinear:
   @property
   def out_features(self) -> int: return self.packed.shape[0]
 
+  @property
+  def block_kind(self) -> str:
+    """The GGUF name of the block layout: "q8_0" or "q4_0"."""
+    return "q8_0" if self.mode == "int8" else "q4_0"
+
   @classmethod
   def from_float(cls, weight: Tensor, mode: str) -> QuantLinear:
     out, k = weight.shape
@@ -50,11 +55,9 @@ class QuantLinear:
       kernel = cpu_kernels.matvec_q8_0 if self.mode == "int8" else cpu_kernels.matvec_q4_0
       return kernel(x, self.packed, self.scale).reshape(*x.shape[:-1], self.out_features).cast(x.dtype)
     if cpu_kernels.matmul_usable(x, self.packed.dtype, self.packed.device):   # several rows (prefill) on the CPU
-      kind = "q8_0" if self.mode == "int8" else "q4_0"
-      return cpu_kernels.matmul(x, self.packed, self.scale, kind).cast(x.dtype)
+      return cpu_kernels.matmul(x, self.packed, self.scale, self.block_kind).cast(x.dtype)
     if gpu_kernels.usable(x, self.packed):   # one row on a GPU
-      kernel = gpu_kernels.matvec_q8_0 if self.mode == "int8" else gpu_kernels.matvec_q4_0
-      if (y := kernel(x, self.packed, self.scale)) is not None: return y
+      if (y := gpu_kernels.matvec_blocks(self.block_kind, x, [(self.packed, self.scale)])) is not None: return y
     return x @ self.dequantize().T
 
   def nbytes(self) -> int: return self.packed.nbytes() + self.scale.nbytes()
