@@ -118,27 +118,31 @@ def _unroll(dtype: DType) -> int: return LOAD_BYTES // dtype.itemsize
 
 def matvec(x: Tensor, weight: Tensor) -> Tensor | None:
   """x [..., K] (one row) @ weight.T for weight [N, K]: the row [..., N] in x's dtype, or None if it does not fit."""
-  N, K = weight.shape
-  if (opts := _schedules["dense"].opts(N, K, _unroll(weight.dtype))) is None: return None
-  body = lambda i, xp, wp: _row_dot(xp, wp, i, UOp.range(K, 1, AxisType.REDUCE))
-  y = _launch(f"gpu_matvec_{N}_{K}", N, x.dtype, [x.reshape(K), weight], body, opts)
-  return y.reshape(*x.shape[:-1], N)
+  return matvec_concat(x, [weight])
+
+
+def _masked_rows(i: UOp, sizes: list[int]):
+  """Output row i as a row index of each of several matrices stacked one after another, masked off (no load,
+  value 0) outside that matrix's rows."""
+  start = 0
+  for n in sizes:
+    yield (i - start).valid((i >= start) & (i < start + n)) if len(sizes) > 1 else i
+    start += n
 
 
 def matvec_concat(x: Tensor, weights: list[Tensor]) -> Tensor | None:
-  """x (one row) @ [W0; W1; ...].T in one kernel: the q, k and v projections of a token. Row i of the output reads
-  the weight that holds it; the other loads are masked off (they read no memory)."""
+  """x (one row) @ [W0; W1; ...].T in one kernel (the q, k and v projections of a token): row i reads only the
+  matrix that holds it."""
   sizes, K = [w.shape[0] for w in weights], weights[0].shape[1]
   N = sum(sizes)
   opts = _schedules["dense"].opts(N, K, _unroll(weights[0].dtype))
   if opts is None or any(w.shape[1] != K or w.dtype != weights[0].dtype for w in weights): return None
   def body(i: UOp, xp: UOp, *wps: UOp) -> UOp:
-    k, start, w_ik = UOp.range(K, 1, AxisType.REDUCE), 0, None
-    for wp, n in zip(wps, sizes):
-      row = (i - start).valid((i >= start) & (i < start + n)) if len(wps) > 1 else i
-      w_ik, start = wp[row, k].cast(dtypes.float) if w_ik is None else w_ik + wp[row, k].cast(dtypes.float), start + n
+    k = UOp.range(K, 1, AxisType.REDUCE)
+    w_ik = functools.reduce(UOp.__add__, [wp[row, k].cast(dtypes.float) for wp, row in zip(wps, _masked_rows(i, sizes))])
     return (xp[k].cast(dtypes.float) * w_ik).reduce(k, arg=Ops.ADD)
-  y = _launch(f"gpu_matvec{len(weights)}_{N}_{K}", N, x.dtype, [x.reshape(K), *weights], body, opts)
+  name = f"gpu_matvec{len(weights) if len(weights) > 1 else ''}_{N}_{K}"
+  y = _launch(name, N, x.dtype, [x.reshape(K), *weights], body, opts)
   return y.reshape(*x.shape[:-1], N)
 
 
@@ -170,7 +174,7 @@ def _blocks_opts(n_out: int, n_blocks: int, words_per_block: int) -> tuple[Opt, 
   return (Opt(OptOps.UNROLL, 2, 4), Opt(OptOps.UNROLL, 1, unroll_words)) + opts[1:]
 
 
-def _block_term(kind: str, xp: UOp, qp: UOp, sp: UOp, row: UOp, b: UOp, w: UOp, c: UOp) -> UOp:
+def _block_term(kind: str, xp: UOp, qp: UOp, sp: UOp, row: UOp, *, b: UOp, w: UOp, c: UOp) -> UOp:
   """scale[row, b] × (block b of weight row `row` · the matching 32 values of x), summed over the block's words w
   and bytes c. Q8_0: one signed byte per value. Q4_0: byte j of a block holds value j (low nibble) and j + 16."""
   wpb = qp.shape[-1] // 4
@@ -195,7 +199,7 @@ def _blocks(kind: str, name: str, x: Tensor, layers: list[tuple[Tensor, Tensor]]
   if (opts := _blocks_opts(N, nb, wpb)) is None: return None
   def body(i: UOp, xp: UOp, *params: UOp) -> UOp:
     b, w, c = UOp.range(nb, 1, AxisType.REDUCE), UOp.range(wpb, 2, AxisType.REDUCE), UOp.range(4, 3, AxisType.REDUCE)
-    terms = [lambda row, qp=qp, sp=sp: _block_term(kind, xp, qp, sp, row, b, w, c) for qp, sp in zip(params[::2], params[1::2])]
+    terms = [functools.partial(_block_term, kind, xp, qp, sp, b=b, w=w, c=c) for qp, sp in zip(params[::2], params[1::2])]
     return combine(i, terms, b)
   inputs = [x.reshape(K)] + [t for layer in layers for t in layer]
   y = _launch(f"gpu_{name}_{kind}_{N}_{K}", N, x.dtype, inputs, body, opts)
@@ -203,16 +207,12 @@ def _blocks(kind: str, name: str, x: Tensor, layers: list[tuple[Tensor, Tensor]]
 
 
 class _Rows:
-  """combine for `_blocks`: output rows are the rows of the matrices one after another (q, k and v in one kernel);
-  row i reads only the matrix that holds it (the other loads are masked off and read no memory)."""
+  """combine for `_blocks`: output rows are the rows of the matrices one after another (q, k and v in one kernel)."""
   def __init__(self, sizes: list[int]): self.sizes, self.n_out = sizes, sum(sizes)
 
   def __call__(self, i: UOp, terms, b: UOp) -> UOp:
-    start, total = 0, None
-    for term, n in zip(terms, self.sizes):
-      row = (i - start).valid((i >= start) & (i < start + n)) if len(terms) > 1 else i
-      total, start = term(row) if total is None else total + term(row), start + n
-    return total.reduce(b, arg=Ops.ADD)
+    return functools.reduce(UOp.__add__, [term(row) for term, row in zip(terms, _masked_rows(i, self.sizes))]) \
+      .reduce(b, arg=Ops.ADD)
 
 
 class _SwiGLU:
