@@ -39,6 +39,8 @@ class BenchResult:
   decode_frac_of_bw: float
   kernels_per_token: int
   threads: int = 1                 # threads per CPU decode kernel (cpu_threads.py)
+  llama_cpp_prefill_tok_s: float | None = None   # llama.cpp on the same weights, prompt and threads (--llama-cpp)
+  llama_cpp_decode_tok_s: float | None = None
 
 
 def measure_read_bandwidth(n_bytes: int = 1 << 30, threads: int | None = None, repeats: int = 3) -> float:
@@ -150,9 +152,67 @@ def format_profile(rows: list[tuple[str, float, float]], top: int = 15) -> str:
   return "\n".join(lines)
 
 
+# Run by the Python that has llama-cpp-python (a separate environment: not a dependency of ours). It feeds the
+# prompt as one batch, then one token at a time with greedy choice, the way bench_one measures us.
+_LLAMA_CPP_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+path, prompt, new_tokens, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = Llama(model_path=path, n_ctx=len(prompt) + new_tokens + 8, n_batch=len(prompt), n_threads=threads,
+            n_threads_batch=threads, verbose=False)
+vocab = llm.n_vocab()
+last_logits = lambda: np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))   # the last fed token's row
+def run():
+  llm.reset()
+  t0 = time.perf_counter()
+  llm.eval(prompt)
+  prefill = len(prompt) / (time.perf_counter() - t0)
+  tok, warmup = int(np.argmax(last_logits())), 3
+  for i in range(new_tokens):
+    if i == warmup: t1 = time.perf_counter()
+    llm.eval([tok])
+    tok = int(np.argmax(last_logits()))
+  return prefill, (new_tokens - warmup) / (time.perf_counter() - t1)
+run()
+prefill, decode = run()
+print(json.dumps({"prefill_tok_s": prefill, "decode_tok_s": decode}))
+"""
+
+
+def _float_weights(model) -> dict[str, np.ndarray]:
+  """The model's weights as float32 arrays by our names (quantized layers dequantized)."""
+  from tinygrad import dtypes
+  from .quantize import _linears
+  weights = {k: v.float().numpy() for k, v in model.state_dict().items() if not k.endswith((".packed", ".scale"))}
+  for owner, attr, name in _linears(model):
+    layer = getattr(owner, attr)
+    if hasattr(layer, "dequantize"): weights[name] = layer.dequantize(dtypes.float32).numpy()
+  return weights
+
+
+def llama_cpp_reference(python: str, model, file_type: str, tokenizer: str, prompt: list[int], new_tokens: int,
+                        threads: int) -> tuple[float, float]:
+  """(prefill, decode) tokens/s of llama.cpp (through llama-cpp-python run by `python`) on this model's weights,
+  written to a temporary GGUF of `file_type` (f32, f16, q8_0) with `tokenizer` embedded."""
+  import subprocess
+  import tempfile
+  from .checkpoint import gguf
+  from .tokenizer import Tokenizer
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "model.gguf")
+    gguf.save(path, model.args, _float_weights(model), Tokenizer(tokenizer), dtype=file_type)
+    run = subprocess.run([python, "-c", _LLAMA_CPP_SCRIPT, path, json.dumps(prompt), str(new_tokens), str(threads)],
+                         capture_output=True, text=True)
+  if run.returncode != 0: raise RuntimeError(f"llama.cpp reference run with {python} failed:\n{run.stderr[-2000:]}")
+  r = json.loads(run.stdout.strip().splitlines()[-1])
+  return r["prefill_tok_s"], r["decode_tok_s"]
+
+
 def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128, new_tokens: int = 128,
               bandwidth: float | None = None, tokenizer: str | None = None, quantize: str | None = None,
-              profile: bool = False, beam: int = 0, threads: int | None = None) -> BenchResult:
+              profile: bool = False, beam: int = 0, threads: int | None = None,
+              llama_cpp: str | None = None) -> BenchResult:
   from tinygrad import GlobalCounters
   from . import cpu_threads
   if threads is not None: cpu_threads.set_threads(threads)
@@ -188,12 +248,28 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
   weight_bytes = bytes_per_decode_step(m)
   bw = (bandwidth or measure_read_bandwidth()) if m.device.startswith("CPU") else measure_device_bandwidth(m.device)
   dtype_name = {"float": "float32", "half": "float16"}.get(m.dtype.name, m.dtype.name)
+  reference = (None, None)
+  file_type = {"int8": "q8_0", "int4": None}.get(quantize or "", {"float32": "f32", "float16": "f16"}.get(dtype_name))
+  if llama_cpp and m.device.startswith("CPU") and file_type:   # llama.cpp has no Q4_0 writer here, nor bf16
+    reference = llama_cpp_reference(llama_cpp, m, file_type, _reference_tokenizer(tokenizer, m.args.vocab_size), prompt,
+                                    new_tokens, cpu_threads.config.threads)
   return BenchResult(model=model, device=m.device, dtype=dtype_name + (f"+{quantize}" if quantize else ""), params_m=m.args.n_params() / 1e6,
                      weight_mb=weight_bytes / 1e6, prefill_tok_s=prefill, decode_tok_s=decode, ttft_cold_s=ttft_cold,
                      ttft_warm_s=ttft_warm, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                      device_mem_mb=GlobalCounters.mem_used / 1e6, bandwidth_gb_s=bw,
                      decode_frac_of_bw=weight_bytes * decode / (bw * 1e9), kernels_per_token=kernels,
-                     threads=cpu_threads.config.threads if m.device.startswith("CPU") else 1)
+                     threads=cpu_threads.config.threads if m.device.startswith("CPU") else 1,
+                     llama_cpp_prefill_tok_s=reference[0], llama_cpp_decode_tok_s=reference[1])
+
+
+def _reference_tokenizer(tokenizer: str | None, vocab_size: int) -> str:
+  """A SentencePiece model for the reference GGUF (llama.cpp will not load a GGUF without a vocabulary): the one
+  given, else the shared Llama-2 tokenizer for 32000-token shapes or the 512-token one for stories260K."""
+  if tokenizer: return tokenizer
+  shared = os.environ.get("TINYLLAMA2_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+  path = os.path.join(shared, "tokenizers", "llama2_tokenizer.model" if vocab_size == 32000 else "tok512.model")
+  if not os.path.exists(path): raise FileNotFoundError(f"--llama-cpp needs a tokenizer.model for the GGUF: pass --tokenizer ({path} not found)")
+  return path
 
 
 def tune(model: str, device: str | None, dtype: str, quantize: str | None, beam: int, tokenizer: str | None = None) -> None:
@@ -207,12 +283,21 @@ def tune(model: str, device: str | None, dtype: str, quantize: str | None, beam:
 def format_table(rows: list[BenchResult]) -> str:
   head = ("model", "device", "threads", "dtype", "MB read/token", "prefill tok/s", "decode tok/s", "of bw", "TTFT cold s",
           "TTFT warm s", "kernels/tok", "peak RSS MB")
+  with_ref = any(r.llama_cpp_decode_tok_s for r in rows)
+  if with_ref: head += ("llama.cpp prefill", "llama.cpp decode", "prefill ratio", "decode ratio")
   lines = [" | ".join(head), " | ".join("---" for _ in head)]
   for r in rows:
     lines.append(" | ".join([r.model, r.device, str(r.threads), r.dtype, f"{r.weight_mb:.1f}", f"{r.prefill_tok_s:.1f}",
                              f"{r.decode_tok_s:.1f}", f"{r.decode_frac_of_bw:.2f}", f"{r.ttft_cold_s:.2f}",
-                             f"{r.ttft_warm_s:.3f}", str(r.kernels_per_token), f"{r.peak_rss_mb:.0f}"]))
+                             f"{r.ttft_warm_s:.3f}", str(r.kernels_per_token), f"{r.peak_rss_mb:.0f}"]
+                            + (_reference_cells(r) if with_ref else [])))
   return "\n".join(lines)
+
+
+def _reference_cells(r: BenchResult) -> list[str]:
+  if not r.llama_cpp_decode_tok_s: return ["", "", "", ""]
+  return [f"{r.llama_cpp_prefill_tok_s:.1f}", f"{r.llama_cpp_decode_tok_s:.1f}",
+          f"{r.prefill_tok_s / r.llama_cpp_prefill_tok_s:.2f}", f"{r.decode_tok_s / r.llama_cpp_decode_tok_s:.2f}"]
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -232,6 +317,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--threads", type=int, action="append",
                  help="threads per CPU decode kernel (repeatable, to compare; default: every core, at most 8)")
   p.add_argument("--json", help="also write results as JSON to this file ('-' for stdout only)")
+  p.add_argument("--llama-cpp", metavar="PYTHON", help="also run llama.cpp on the same weights, prompt and threads "
+                 "with this Python, which has llama-cpp-python installed (CPU rows; f32, f16 and int8 as Q8_0)")
 
 
 def _bench_in_subprocess(a: argparse.Namespace, model: str, device: str | None, dtype: str,
@@ -242,7 +329,7 @@ def _bench_in_subprocess(a: argparse.Namespace, model: str, device: str | None, 
          quantize or "none", "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens), "--beam",
          str(a.beam), "--json", "-"] + (["--device", device] if device else []) + \
         (["--tokenizer", a.tokenizer] if a.tokenizer else []) + (["--profile"] if a.profile else []) + \
-        (["--threads", str(threads)] if threads else [])
+        (["--threads", str(threads)] if threads else []) + (["--llama-cpp", a.llama_cpp] if a.llama_cpp else [])
   run = subprocess.run(cmd, capture_output=True, text=True)
   if run.returncode != 0: raise RuntimeError(f"bench of {model} {dtype} {quantize or ''} failed:\n{run.stderr[-2000:]}")
   if a.profile: print(run.stdout[:run.stdout.index("[")], end="")
@@ -260,7 +347,7 @@ def main(a: argparse.Namespace) -> list[BenchResult]:
   for m, d, t, q, n in tqdm(combos, desc="bench", file=sys.stderr, disable=len(combos) < 2):
     if len(combos) == 1:
       rows.append(bench_one(m, d, t, a.prompt_len, a.new_tokens, bandwidth=bw, tokenizer=a.tokenizer, quantize=q,
-                            profile=a.profile, beam=a.beam, threads=n))
+                            profile=a.profile, beam=a.beam, threads=n, llama_cpp=a.llama_cpp))
     else: rows.append(_bench_in_subprocess(a, m, d, t, q, n))
   if a.json == "-": print(json.dumps([asdict(r) for r in rows], indent=2))
   else:
