@@ -1,0 +1,37 @@
+"""bench's bookkeeping: the llama.cpp reference gets our weights, ratios and GB/s are computed right."""
+import numpy as np
+
+from tinyllama2 import ModelArgs, Transformer
+from tinyllama2.benchmark import BenchResult, _custom_kernel_gb_s, _float_weights, format_table
+from tinyllama2.checkpoint import gguf
+from tinyllama2.quantize import quantize_model
+
+
+def test_the_reference_gguf_holds_our_int8_blocks(tmp_path):
+  """The GGUF written for llama.cpp from an int8 model holds exactly the model's Q8_0 blocks (no requantization
+  drift), so both sides decode the same weights."""
+  args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, hidden_dim=96, max_position_embeddings=16)
+  model = Transformer(args, device="CPU")
+  model.init_random(seed=2)
+  quantize_model(model, "int8")
+  path = tmp_path / "m.gguf"
+  gguf.save(path, args, _float_weights(model), dtype="q8_0")
+  _, loaded = gguf.load(path)
+  wq = model.layers[0].attention.wq
+  np.testing.assert_array_equal(loaded["layers.0.attention.wq.weight"].packed, wq.packed.numpy())
+  np.testing.assert_array_equal(loaded["layers.0.attention.wq.weight"].scale, wq.scale.numpy())
+  np.testing.assert_array_equal(loaded["norm.weight"], model.norm.weight.numpy())
+
+
+def test_table_ratios_against_llama_cpp():
+  row = BenchResult(model="m", device="CPU", dtype="float32", params_m=1, weight_mb=10, prefill_tok_s=300, decode_tok_s=90,
+                    ttft_cold_s=1, ttft_warm_s=0.1, peak_rss_mb=1, device_mem_mb=0, bandwidth_gb_s=10,
+                    decode_frac_of_bw=0.09, kernels_per_token=10, llama_cpp_prefill_tok_s=600, llama_cpp_decode_tok_s=100)
+  cells = format_table([row]).splitlines()[-1].split(" | ")
+  assert cells[-4:] == ["600.0", "100.0", "0.50", "0.90"]
+
+
+def test_gb_s_of_our_cpu_kernels_from_their_names():
+  assert _custom_kernel_gb_s("matvec_f32_1000_250", 1.0) == 1000 * 250 * 4 / 1e3
+  assert _custom_kernel_gb_s("swiglu_f16_768_288", 1.0) == 2 * 768 * 288 * 2 / 1e3   # gate and up
+  assert _custom_kernel_gb_s("r_16_18", 1.0) is None
