@@ -63,6 +63,22 @@ def test_block_matvec_matches_numpy_with_x_quantized_to_q8_0(mode, kernel, dequa
   np.testing.assert_allclose(got, w_np @ x_q, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode,dequant", [("int8", _np_dequant_q8_0), ("int4", _np_dequant_q4_0)])
+def test_fused_block_kernels_for_qkv_and_swiglu(mode, dequant):
+  """q, k and v (three block layers) in one kernel, and gate/up/SwiGLU in one, x rounded to Q8_0 once."""
+  x, _ = _x_w(1, 256, seed=4)
+  layers = [QuantLinear.from_float(Tensor(_x_w(n, 256, seed=5 + n)[1], device=DEV), mode) for n in (48, 16, 16)]
+  deq = [dequant(q.packed.numpy(), q.scale.numpy()) for q in layers]
+  x_q, xt = np_q8_0_activations(x), Tensor(x, device=DEV)
+  qkv = cpu_kernels.matvec_blocks(layers[0].block_kind, xt, [(q.packed, q.scale) for q in layers]).numpy()
+  np.testing.assert_allclose(qkv, np.concatenate(deq) @ x_q, rtol=1e-5, atol=1e-4)
+  gate, up = layers[0], QuantLinear.from_float(Tensor(_x_w(48, 256, seed=9)[1], device=DEV), mode)
+  h = cpu_kernels.matvec_blocks_swiglu(gate.block_kind, xt, (gate.packed, gate.scale), (up.packed, up.scale)).numpy()
+  g = deq[0] @ x_q
+  np.testing.assert_allclose(h, g / (1 + np.exp(-g)) * (dequant(up.packed.numpy(), up.scale.numpy()) @ x_q),
+                             rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
 def test_layers_use_the_kernels_for_one_and_several_rows_and_match_numpy(mode):
   x, w = _x_w(16, 64, seed=2)

@@ -102,39 +102,35 @@ _I8_DOT = """#if defined(__AVX2__)
     s[0] = (float)si;
 #endif
 """
-_Q8_0 = """const signed char* restrict tl_q = (const signed char*){2};
-const __fp16* restrict tl_d = (const __fp16*){3};
-const float* restrict tl_x = (const float*){1};
-""", """for (int n = tl_lo; n < tl_hi; n++) {
-  tl_f8 a0 = 0, a1 = 0;
-  for (int b = 0; b < %(NB)d; b++) {
-    tl_c32 w = *(const tl_c32*)(tl_q + ((long)n * %(NB)d + b) * 32);
-    const signed char* xq = tl_xq + b * 32;
-""" + _I8_DOT + """    float d = (float)tl_d[(long)n * %(NB)d + b] * tl_xs[b];
-    if (b & 1) a1 += s * d; else a0 += s * d;
-  }
-  tl_f8 a = a0 + a1;
-  {0}[n] = %(hsum)s;
-}"""
-
-# Q4_0: {2} = bytes [N, K/32, 16] (value j in the low nibble of byte j, value j+16 in the high nibble), {3} = fp16
-# scales; a weight is (nibble - 8) * d
-_Q4_0 = """const unsigned char* restrict tl_q = (const unsigned char*){2};
-const __fp16* restrict tl_d = (const __fp16*){3};
-const float* restrict tl_x = (const float*){1};
-""", """for (int n = tl_lo; n < tl_hi; n++) {
-  tl_f8 a0 = 0, a1 = 0;
-  for (int b = 0; b < %(NB)d; b++) {
-    tl_u8x16 p = *(const tl_u8x16*)(tl_q + ((long)n * %(NB)d + b) * 16);
+# The 32 int8 weights of block b of a row, as tl_c32 w: Q8_0 bytes as they are; Q4_0 bytes [N, K/32, 16] hold value j
+# in the low nibble of byte j and value j+16 in the high nibble, a weight being (nibble - 8) * d
+_BLOCK_WEIGHTS = {
+  "q8_0": "tl_c32 w = *(const tl_c32*)(Q + b * 32);",
+  "q4_0": """tl_u8x16 p = *(const tl_u8x16*)(Q + b * 16);
     tl_c32 w = (tl_c32)__builtin_shufflevector(p & (unsigned char)15, p >> 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
-                                               14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31) - 8;
+                                               14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31) - 8;""",
+}
+_BLOCK_BYTES = {"q8_0": 32, "q4_0": 16}
+
+
+def _block_row_dot(kind: str, i: int, row: str, NB: int, result: str) -> str:
+  """C setting float `result` to (row `row` of quantized weight i: bytes tl_q{i}, fp16 scales tl_d{i}) · x, with
+  x as the thread's Q8_0 blocks (tl_xq, tl_xs): integer block dot products times the two scales."""
+  q = f"(tl_q{i} + (long)({row}) * {NB * _BLOCK_BYTES[kind]})"
+  return f"""float {result};
+  {{
+  tl_f8 a0 = 0, a1 = 0;
+  for (int b = 0; b < {NB}; b++) {{
+    {_BLOCK_WEIGHTS[kind].replace("Q", q)}
     const signed char* xq = tl_xq + b * 32;
-""" + _I8_DOT + """    float d = (float)tl_d[(long)n * %(NB)d + b] * tl_xs[b];
+{_I8_DOT}    float d = (float)tl_d{i}[(long)({row}) * {NB} + b] * tl_xs[b];
     if (b & 1) a1 += s * d; else a0 += s * d;
-  }
+  }}
   tl_f8 a = a0 + a1;
-  {0}[n] = %(hsum)s;
-}"""
+  {result} = {_HSUM8};
+  }}
+"""
+
 
 # C element type of a weight, by the kind in a kernel's name
 _C_TYPE = {"f32": "float", "f16": "__fp16", "q8_0": "signed char", "q4_0": "unsigned char"}
@@ -246,21 +242,48 @@ def matvec_swiglu(x: Tensor, gate: Tensor, up: Tensor) -> Tensor:
               x, gate, up)
 
 
-def _quantized(kind: str, template: tuple[str, str], x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
-  N, NB = scale.shape
-  fill = {"K": NB * QBLOCK, "NB": NB, "hsum": _HSUM8}
-  return _run(f"matvec_{kind}_{N}_{NB * QBLOCK}", template[0], template[1] % fill, N, NB * QBLOCK * BYTES_PER_WEIGHT[kind], x,
-              packed, scale, prologue=_QUANTIZE_X % fill)
+def _block_declarations(kind: str, n_layers: int) -> str:
+  """Typed pointers tl_q0, tl_d0, tl_q1, ... to the packed bytes and fp16 scales {2}, {3}, {4}, ... and x as tl_x."""
+  qt = _C_TYPE[kind]
+  ptrs = "".join(f"const {qt}* restrict tl_q{i} = (const {qt}*){{{2 + 2 * i}}};\n"
+                 f"const __fp16* restrict tl_d{i} = (const __fp16*){{{3 + 2 * i}}};\n" for i in range(n_layers))
+  return ptrs + "const float* restrict tl_x = (const float*){1};\n"
+
+
+def matvec_blocks(kind: str, x: Tensor, layers: list[tuple[Tensor, Tensor]]) -> Tensor:
+  """x [..., K] (one row) against Q8_0 ("q8_0") or Q4_0 ("q4_0") layers (packed [N, K/32, 32 or 16], fp16 scale
+  [N, K/32]) → float32 [sum of N], their outputs one after another, in one kernel: x is rounded to Q8_0 blocks
+  once for all of them (the q, k and v projections of a layer)."""
+  NB, rows, offset = layers[0][1].shape[1], "", 0
+  for i, (_, scale) in enumerate(layers):   # output rows [offset, offset + N) come from layer i
+    N = scale.shape[0]
+    rows += f"for (int n = (tl_lo > {offset} ? tl_lo : {offset}); n < (tl_hi < {offset + N} ? tl_hi : {offset + N}); n++) {{\n" \
+            f"  {_block_row_dot(kind, i, f'n - {offset}', NB, 's')}  {{0}}[n] = s;\n}}\n"
+    offset += N
+  fill = {"K": NB * QBLOCK, "NB": NB}
+  name = f"matvec{len(layers) if len(layers) > 1 else ''}_{kind}_{offset}_{NB * QBLOCK}"
+  return _run(name, _block_declarations(kind, len(layers)), rows, offset, NB * QBLOCK * BYTES_PER_WEIGHT[kind], x,
+              *[t for layer in layers for t in layer], prologue=_QUANTIZE_X % fill)
+
+
+def matvec_blocks_swiglu(kind: str, x: Tensor, gate: tuple[Tensor, Tensor], up: tuple[Tensor, Tensor]) -> Tensor:
+  """silu(x @ dequant(gate).T) * (x @ dequant(up).T) → float32 [N] for one row x, in one kernel."""
+  N, NB = gate[1].shape
+  rows = f"for (int n = tl_lo; n < tl_hi; n++) {{\n  {_block_row_dot(kind, 0, 'n', NB, 'g')}" \
+         f"  {_block_row_dot(kind, 1, 'n', NB, 'u')}  {{0}}[n] = g / (1.0f + TL_EXPF(-g)) * u;\n}}\n"
+  fill = {"K": NB * QBLOCK, "NB": NB}
+  return _run(f"swiglu_{kind}_{N}_{NB * QBLOCK}", _block_declarations(kind, 2), rows, N,
+              2 * NB * QBLOCK * BYTES_PER_WEIGHT[kind], x, *gate, *up, prologue=_QUANTIZE_X % fill)
 
 
 def matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
   """x [..., K] (one row) against Q8_0 blocks: packed int8 [N, K/32, 32], scale fp16 [N, K/32] → float32 [N]."""
-  return _quantized("q8_0", _Q8_0, x, packed, scale)
+  return matvec_blocks("q8_0", x, [(packed, scale)])
 
 
 def matvec_q4_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
   """x [..., K] (one row) against Q4_0 blocks: packed uint8 [N, K/32, 16], scale fp16 [N, K/32] → float32 [N]."""
-  return _quantized("q4_0", _Q4_0, x, packed, scale)
+  return matvec_blocks("q4_0", x, [(packed, scale)])
 
 
 # Several-row products (prefill): y [M, N] = x [M, K] @ W[N, K].T. Each group of three weight rows is first made

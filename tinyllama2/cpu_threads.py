@@ -30,14 +30,14 @@ from tinygrad import Device, Tensor, dtypes
 
 # mailbox words, each on its own 64-byte line where threads write it concurrently
 SEQ, CLAIM, DONE, STATE, NEXT, FN, ARGS, JOINED = 0, 8, 16, 24, 32, 40, 41, 56
-MAX_ARGS = 8
+MAX_ARGS = 10   # the helper passes ARGS..ARGS+9 (a kernel declaring fewer ignores the rest)
 MAILBOX_WORDS = 64
 CLOSED = 1 << 7   # CLAIM = seq << 8 | CLOSED flag | number of helpers that joined
 
 _HELPER_C = r"""
 #include <time.h>
 typedef unsigned long long u64;
-typedef void (*tl_kernel)(u64, u64, u64, u64, u64, u64, u64, u64);
+typedef void (*tl_kernel)(u64, u64, u64, u64, u64, u64, u64, u64, u64, u64);
 
 static inline void tl_pause(void) {
 #if defined(__x86_64__)
@@ -70,7 +70,7 @@ void tl_helper(u64* mb, u64 spin_ns) {
     while ((c >> 8) == s && !(c & TL_CLOSED)) {
       if (__atomic_compare_exchange_n(&mb[TL_CLAIM], &c, c + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
         ((tl_kernel)mb[TL_FN])(mb[TL_ARGS], mb[TL_ARGS + 1], mb[TL_ARGS + 2], mb[TL_ARGS + 3], mb[TL_ARGS + 4], mb[TL_ARGS + 5],
-                            mb[TL_ARGS + 6], mb[TL_ARGS + 7]);
+                            mb[TL_ARGS + 6], mb[TL_ARGS + 7], mb[TL_ARGS + 8], mb[TL_ARGS + 9]);
         __atomic_fetch_add(&mb[TL_JOINED], 1, __ATOMIC_RELAXED);   /* statistics: kernels a helper worked on */
         __atomic_fetch_add(&mb[TL_DONE], 1, __ATOMIC_RELEASE);
         break;

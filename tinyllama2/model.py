@@ -133,12 +133,14 @@ class Attention:
   def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     projections = (self.wq, self.wk, self.wv)
     w = [p.weight for p in projections if type(p) is Linear]   # plain float layers (not LoRA, not quantized)
-    qkv = None
+    qkv, kind = None, _block_kind(projections)   # one kernel for the three, when the layers allow
+    blocks = [(p.packed, p.scale) for p in projections] if kind else []
     if len(w) == 3 and cpu_kernels.usable(x, w[0].dtype, w[0].device):
-      qkv = cpu_kernels.matvec_concat(x, w).cast(x.dtype).reshape(*x.shape[:-1], -1)   # one kernel for the three
+      qkv = cpu_kernels.matvec_concat(x, w).cast(x.dtype).reshape(*x.shape[:-1], -1)
     elif len(w) == 3 and gpu_kernels.usable(x, w[0]): qkv = gpu_kernels.matvec_concat(x, w)
-    elif (kind := _block_kind(projections)) and gpu_kernels.usable(x, self.wq.packed):
-      qkv = gpu_kernels.matvec_blocks(kind, x, [(p.packed, p.scale) for p in projections])
+    elif kind and cpu_kernels.usable(x, blocks[0][0].dtype, x.device):
+      qkv = cpu_kernels.matvec_blocks(kind, x, blocks).cast(x.dtype).reshape(*x.shape[:-1], -1)
+    elif kind and gpu_kernels.usable(x, blocks[0][0]): qkv = gpu_kernels.matvec_blocks(kind, x, blocks)
     if qkv is None: return self.wq(x), self.wk(x), self.wv(x)
     q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
     return qkv[..., :q_out], qkv[..., q_out:q_out + kv_out], qkv[..., q_out + kv_out:]
@@ -163,9 +165,12 @@ class FeedForward:
         return self.w2(cpu_kernels.matvec_swiglu(x, gate, up).reshape(*x.shape[:-1], gate.shape[0]).cast(x.dtype))
       if cpu_kernels.matmul_usable(x, gate.dtype, x.device): return self.w2(cpu_kernels.matmul_swiglu(x, gate, up).cast(x.dtype))
       if gpu_kernels.usable(x, gate) and (h := gpu_kernels.matvec_swiglu(x, gate, up)) is not None: return self.w2(h)
-    elif (kind := _block_kind((self.w1, self.w3))) and gpu_kernels.usable(x, self.w1.packed):
+    elif kind := _block_kind((self.w1, self.w3)):   # quantized gate and up of one kind
       gate_up = ((self.w1.packed, self.w1.scale), (self.w3.packed, self.w3.scale))
-      if (h := gpu_kernels.matvec_blocks_swiglu(kind, x, *gate_up)) is not None: return self.w2(h)
+      if cpu_kernels.usable(x, self.w1.packed.dtype, x.device):
+        return self.w2(cpu_kernels.matvec_blocks_swiglu(kind, x, *gate_up).reshape(*x.shape[:-1], -1).cast(x.dtype))
+      if gpu_kernels.usable(x, self.w1.packed) and (h := gpu_kernels.matvec_blocks_swiglu(kind, x, *gate_up)) is not None:
+        return self.w2(h)
     return self.w2(_silu(self.w1(x)) * self.w3(x))
 
 
