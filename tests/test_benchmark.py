@@ -1,5 +1,6 @@
 """bench's bookkeeping: the llama.cpp reference gets our weights, ratios and GB/s are computed right."""
 import numpy as np
+import pytest
 
 from tinyllama2 import ModelArgs, Transformer
 from tinyllama2.benchmark import BenchResult, _custom_kernel_gb_s, _float_weights, format_table
@@ -7,15 +8,16 @@ from tinyllama2.checkpoint import gguf
 from tinyllama2.quantize import quantize_model
 
 
-def test_the_reference_gguf_holds_our_int8_blocks(tmp_path):
-  """The GGUF written for llama.cpp from an int8 model holds exactly the model's Q8_0 blocks (no requantization
+@pytest.mark.parametrize("mode,file_type", [("int8", "q8_0"), ("int4", "q4_0")])
+def test_the_reference_gguf_holds_our_blocks(tmp_path, mode, file_type):
+  """The GGUF written for llama.cpp from a quantized model holds exactly the model's blocks (no requantization
   drift), so both sides decode the same weights."""
   args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, hidden_dim=96, max_position_embeddings=16)
   model = Transformer(args, device="CPU")
   model.init_random(seed=2)
-  quantize_model(model, "int8")
+  quantize_model(model, mode)
   path = tmp_path / "m.gguf"
-  gguf.save(path, args, _float_weights(model), dtype="q8_0")
+  gguf.save(path, args, _float_weights(model), dtype=file_type)
   _, loaded = gguf.load(path)
   wq = model.layers[0].attention.wq
   np.testing.assert_array_equal(loaded["layers.0.attention.wq.weight"].packed, wq.packed.numpy())

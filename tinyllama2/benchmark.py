@@ -194,7 +194,7 @@ def _float_weights(model) -> dict[str, np.ndarray]:
 def llama_cpp_reference(python: str, model, file_type: str, tokenizer: str, prompt: list[int], new_tokens: int,
                         threads: int) -> tuple[float, float]:
   """(prefill, decode) tokens/s of llama.cpp (through llama-cpp-python run by `python`) on this model's weights,
-  written to a temporary GGUF of `file_type` (f32, f16, q8_0) with `tokenizer` embedded."""
+  written to a temporary GGUF of `file_type` (f32, f16, q8_0, q4_0) with `tokenizer` embedded."""
   import subprocess
   import tempfile
   from .checkpoint import gguf
@@ -249,8 +249,8 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
   bw = (bandwidth or measure_read_bandwidth()) if m.device.startswith("CPU") else measure_device_bandwidth(m.device)
   dtype_name = {"float": "float32", "half": "float16"}.get(m.dtype.name, m.dtype.name)
   reference = (None, None)
-  file_type = {"int8": "q8_0", "int4": None}.get(quantize or "", {"float32": "f32", "float16": "f16"}.get(dtype_name))
-  if llama_cpp and m.device.startswith("CPU") and file_type:   # llama.cpp has no Q4_0 writer here, nor bf16
+  file_type = {"int8": "q8_0", "int4": "q4_0"}.get(quantize or "", {"float32": "f32", "float16": "f16"}.get(dtype_name))
+  if llama_cpp and m.device.startswith("CPU") and file_type:   # (no bf16 reference)
     reference = llama_cpp_reference(llama_cpp, m, file_type, _reference_tokenizer(tokenizer, m.args.vocab_size), prompt,
                                     new_tokens, cpu_threads.config.threads)
   return BenchResult(model=model, device=m.device, dtype=dtype_name + (f"+{quantize}" if quantize else ""), params_m=m.args.n_params() / 1e6,
@@ -318,7 +318,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                  help="threads per CPU decode kernel (repeatable, to compare; default: every core, at most 8)")
   p.add_argument("--json", help="also write results as JSON to this file ('-' for stdout only)")
   p.add_argument("--llama-cpp", metavar="PYTHON", help="also run llama.cpp on the same weights, prompt and threads "
-                 "with this Python, which has llama-cpp-python installed (CPU rows; f32, f16 and int8 as Q8_0)")
+                 "with this Python, which has llama-cpp-python installed (CPU rows; int8/int4 as Q8_0/Q4_0)")
 
 
 def _bench_in_subprocess(a: argparse.Namespace, model: str, device: str | None, dtype: str,

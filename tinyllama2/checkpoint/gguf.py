@@ -288,7 +288,7 @@ def sentencepiece_proto(f: GGUFFile) -> bytes:
 
 _THEIRS = {v: k for k, v in _OURS.items()}
 _THEIRS_LAYER = {v: k for k, v in _LAYER.items()}
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}
 
 
 def gguf_name(ours: str) -> str:
@@ -325,6 +325,19 @@ def quantize_q8_0(w: np.ndarray) -> bytes:
   return rec.tobytes()
 
 
+def quantize_q4_0(w: np.ndarray) -> bytes:
+  """llama.cpp's reference Q4_0: per 32 values d = (the value of largest magnitude) / -8 (stored fp16),
+  q = min(15, trunc(x / d + 8.5)); byte j holds q[j] in its low nibble and q[j + 16] in its high nibble."""
+  b = w.reshape(w.shape[0], -1, 32).astype(np.float32)
+  hi, lo = b.max(-1), b.min(-1)
+  d = np.where(hi >= -lo, hi, lo) / np.float32(-8)
+  inv = np.where(d != 0, np.float32(1) / np.where(d != 0, d, 1), 0).astype(np.float32)
+  q = np.clip(np.trunc(b * inv[..., None] + np.float32(8.5)), 0, 15).astype(np.uint8)
+  rec = np.zeros(d.shape, np.dtype([("d", "<f2"), ("qs", "u1", 16)]))
+  rec["d"], rec["qs"] = d.astype(np.float16), q[..., :16] | (q[..., 16:] << 4)
+  return rec.tobytes()
+
+
 def tokenizer_metadata(tokenizer) -> dict:
   """tokenizer.ggml.* keys from a SentencePiece tokenizer, as llama.cpp's converter writes them."""
   sp = tokenizer.sp
@@ -340,10 +353,10 @@ def tokenizer_metadata(tokenizer) -> dict:
 
 def save(path: str | Path, args: ModelArgs, weights: dict[str, np.ndarray], tokenizer=None, dtype: str = "f32",
          name: str = "tinyllama2") -> None:
-  """Write a llama GGUF v3 file (tokenizer embedded when given). dtype f32, f16 or q8_0 for the matrices;
+  """Write a llama GGUF v3 file (tokenizer embedded when given). dtype f32, f16, q8_0 or q4_0 for the matrices;
   norms stay f32 and a matrix whose width is not a multiple of 32 stays f16/f32, as llama.cpp does."""
   from ..fileio import atomic_write
-  if dtype not in FILE_TYPES: raise ValueError(f"unsupported GGUF dtype {dtype!r}; use f32, f16 or q8_0")
+  if dtype not in FILE_TYPES: raise ValueError(f"unsupported GGUF dtype {dtype!r}; use f32, f16, q8_0 or q4_0")
   meta: dict = {"general.architecture": "llama", "general.name": name, "general.file_type": FILE_TYPES[dtype],
                 "general.alignment": 32, "llama.context_length": args.max_position_embeddings,
                 "llama.embedding_length": args.dim, "llama.block_count": args.n_layers,
@@ -362,6 +375,7 @@ def save(path: str | Path, args: ModelArgs, weights: dict[str, np.ndarray], toke
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim == 1 or dtype == "f32": blobs.append((gguf_name(ours), F32, arr.shape, arr.tobytes()))
     elif dtype == "q8_0" and arr.shape[1] % 32 == 0: blobs.append((gguf_name(ours), Q8_0, arr.shape, quantize_q8_0(arr)))
+    elif dtype == "q4_0" and arr.shape[1] % 32 == 0: blobs.append((gguf_name(ours), Q4_0, arr.shape, quantize_q4_0(arr)))
     else: blobs.append((gguf_name(ours), F16, arr.shape, arr.astype(np.float16).tobytes()))
   infos, offset = b"", 0
   for tname, ttype, shape, raw in blobs:
