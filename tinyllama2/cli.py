@@ -152,7 +152,7 @@ def cmd_convert(a: argparse.Namespace) -> None:
   ckpt = load_checkpoint(a.src)
   tok = a.tokenizer or ckpt.tokenizer_path
   if a.to == "hf":
-    if a.dtype == "q8_0": raise ValueError("--dtype q8_0 is for --to gguf; HF export takes f32, f16 or bf16")
+    if a.dtype in ("q8_0", "q4_0"): raise ValueError(f"--dtype {a.dtype} is for --to gguf; HF export takes f32, f16 or bf16")
     dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[a.dtype]
     hf.save(out, ckpt.args, ckpt.float_weights(), tokenizer_model=tok, dtype=dtype)
   elif a.to == "meta":
@@ -160,7 +160,7 @@ def cmd_convert(a: argparse.Namespace) -> None:
     meta.save(out, ckpt.args, ckpt.float_weights())
     if tok: shutil.copyfile(tok, out / "tokenizer.model")
   else:
-    if a.dtype == "bf16": raise ValueError("GGUF export takes --dtype f32, f16 or q8_0")
+    if a.dtype == "bf16": raise ValueError("GGUF export takes --dtype f32, f16, q8_0 or q4_0")
     tokenizer = Tokenizer(tok) if tok else (Tokenizer.from_proto(ckpt.tokenizer_proto, a.src) if ckpt.tokenizer_proto else None)
     gguf.save(out, ckpt.args, ckpt.float_weights(), tokenizer=tokenizer, dtype=a.dtype)
   print(f"wrote {a.to} model to {out}")
@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("--to", choices=["hf", "gguf", "meta"], required=True, help="target format")
   v.add_argument("out", help="output folder (hf, meta) or file (gguf)")
   v.add_argument("--tokenizer", help="tokenizer.model to include")
-  v.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
-                 help="stored dtype (bf16: hf only; q8_0: gguf only)")
+  v.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0", "q4_0"], default="f32",
+                 help="stored dtype (bf16: hf only; q8_0, q4_0: gguf only)")
   v.add_argument("--force", action="store_true", help="write into an existing non-empty folder")
   v.set_defaults(fn=cmd_convert)
   b = sub.add_parser("bench", help="prefill/decode speed, first-token latency, memory")
