@@ -76,7 +76,8 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 def _threads_for(n: int, wanted: int) -> int:
   """Threads sharing a reduction of n steps: a power of two up to `wanted` when one divides n well, else any divisor
-  of n near `wanted` (llama2-7b's FFN has 344 blocks of 32 per row: 43 threads beat 8)."""
+  of n near `wanted` (llama2-7b's FFN has 344 blocks of 32 per row: with 43 threads instead of 8 its Q8_0 down
+  projection went from 0.55 to 1.96 TB/s on an H200)."""
   d = _largest_divisor(n, wanted)
   if d * 2 > wanted: return d
   near = [t for t in range(wanted // 2, wanted * 2 + 1) if n % t == 0]
