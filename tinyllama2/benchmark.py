@@ -248,6 +248,7 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
   weight_bytes = bytes_per_decode_step(m)
   bw = (bandwidth or measure_read_bandwidth()) if m.device.startswith("CPU") else measure_device_bandwidth(m.device)
   dtype_name = {"float": "float32", "half": "float16"}.get(m.dtype.name, m.dtype.name)
+  peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # ours, before the reference's GGUF
   reference = (None, None)
   file_type = {"int8": "q8_0", "int4": "q4_0"}.get(quantize or "", {"float32": "f32", "float16": "f16"}.get(dtype_name))
   if llama_cpp and m.device.startswith("CPU") and file_type:   # (no bf16 reference)
@@ -255,7 +256,7 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
                                     new_tokens, cpu_threads.config.threads)
   return BenchResult(model=model, device=m.device, dtype=dtype_name + (f"+{quantize}" if quantize else ""), params_m=m.args.n_params() / 1e6,
                      weight_mb=weight_bytes / 1e6, prefill_tok_s=prefill, decode_tok_s=decode, ttft_cold_s=ttft_cold,
-                     ttft_warm_s=ttft_warm, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                     ttft_warm_s=ttft_warm, peak_rss_mb=peak_rss_mb,
                      device_mem_mb=GlobalCounters.mem_used / 1e6, bandwidth_gb_s=bw,
                      decode_frac_of_bw=weight_bytes * decode / (bw * 1e9), kernels_per_token=kernels,
                      threads=cpu_threads.config.threads if m.device.startswith("CPU") else 1,
