@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from tinyllama2 import ModelArgs, Transformer
-from tinyllama2.benchmark import BenchResult, _custom_kernel_gb_s, _float_weights, format_table
+from tinyllama2.benchmark import BenchResult, _custom_kernel_gb_s, format_table
 from tinyllama2.checkpoint import gguf
-from tinyllama2.quantize import quantize_model
+from tinyllama2.quantize import float_weights, quantize_model
 
 
 @pytest.mark.parametrize("mode,file_type", [("int8", "q8_0"), ("int4", "q4_0")])
@@ -17,7 +17,7 @@ def test_the_reference_gguf_holds_our_blocks(tmp_path, mode, file_type):
   model.init_random(seed=2)
   quantize_model(model, mode)
   path = tmp_path / "m.gguf"
-  gguf.save(path, args, _float_weights(model), dtype=file_type)
+  gguf.save(path, args, float_weights(model), dtype=file_type)
   _, loaded = gguf.load(path)
   wq = model.layers[0].attention.wq
   np.testing.assert_array_equal(loaded["layers.0.attention.wq.weight"].packed, wq.packed.numpy())

@@ -180,17 +180,6 @@ print(json.dumps({"prefill_tok_s": prefill, "decode_tok_s": decode}))
 """
 
 
-def _float_weights(model) -> dict[str, np.ndarray]:
-  """The model's weights as float32 arrays by our names (quantized layers dequantized)."""
-  from tinygrad import dtypes
-  from .quantize import _linears
-  weights = {k: v.float().numpy() for k, v in model.state_dict().items() if not k.endswith((".packed", ".scale"))}
-  for owner, attr, name in _linears(model):
-    layer = getattr(owner, attr)
-    if hasattr(layer, "dequantize"): weights[name] = layer.dequantize(dtypes.float32).numpy()
-  return weights
-
-
 def llama_cpp_reference(python: str, model, file_type: str, tokenizer: str, prompt: list[int], new_tokens: int,
                         threads: int) -> tuple[float, float]:
   """(prefill, decode) tokens/s of llama.cpp (through llama-cpp-python run by `python`) on this model's weights,
@@ -198,10 +187,11 @@ def llama_cpp_reference(python: str, model, file_type: str, tokenizer: str, prom
   import subprocess
   import tempfile
   from .checkpoint import gguf
+  from .quantize import float_weights
   from .tokenizer import Tokenizer
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "model.gguf")
-    gguf.save(path, model.args, _float_weights(model), Tokenizer(tokenizer), dtype=file_type)
+    gguf.save(path, model.args, float_weights(model), Tokenizer(tokenizer), dtype=file_type)
     run = subprocess.run([python, "-c", _LLAMA_CPP_SCRIPT, path, json.dumps(prompt), str(new_tokens), str(threads)],
                          capture_output=True, text=True)
   if run.returncode != 0: raise RuntimeError(f"llama.cpp reference run with {python} failed:\n{run.stderr[-2000:]}")

@@ -52,8 +52,8 @@ class QuantLinear:
 
   def __call__(self, x: Tensor) -> Tensor:
     if cpu_kernels.usable(x, self.packed.dtype, self.packed.device):   # one row on the CPU: read the blocks as they are
-      kernel = cpu_kernels.matvec_q8_0 if self.mode == "int8" else cpu_kernels.matvec_q4_0
-      return kernel(x, self.packed, self.scale).reshape(*x.shape[:-1], self.out_features).cast(x.dtype)
+      y = cpu_kernels.matvec_blocks(self.block_kind, x, [(self.packed, self.scale)])
+      return y.reshape(*x.shape[:-1], self.out_features).cast(x.dtype)
     if cpu_kernels.matmul_usable(x, self.packed.dtype, self.packed.device):   # several rows (prefill) on the CPU
       return cpu_kernels.matmul(x, self.packed, self.scale, self.block_kind).cast(x.dtype)
     if gpu_kernels.usable(x, self.packed):   # one row on a GPU
@@ -91,6 +91,14 @@ def _linears(model):
                                  (layer.feed_forward, "feed_forward", ("w1", "w2", "w3"))):
       for name in names: yield owner, name, f"layers.{i}.{prefix}.{name}.weight"
   yield model, "output", "output.weight"
+
+
+def float_weights(model) -> dict[str, np.ndarray]:
+  """The model's weights as float32 arrays by our names, quantized layers dequantized (for export)."""
+  weights = {k: v.float().numpy() for k, v in model.state_dict().items() if not k.endswith((".packed", ".scale"))}
+  for owner, attr, name in _linears(model):
+    if isinstance(layer := getattr(owner, attr), QuantLinear): weights[name] = layer.dequantize(dtypes.float32).numpy()
+  return weights
 
 
 def load_prequantized(model, weights: dict) -> None:
