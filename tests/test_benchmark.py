@@ -36,4 +36,6 @@ def test_table_ratios_against_llama_cpp():
 def test_gb_s_of_our_cpu_kernels_from_their_names():
   assert _custom_kernel_gb_s("matvec_f32_1000_250", 1.0) == 1000 * 250 * 4 / 1e3
   assert _custom_kernel_gb_s("swiglu_f16_768_288", 1.0) == 2 * 768 * 288 * 2 / 1e3   # gate and up
+  assert _custom_kernel_gb_s("norm_matvec3_q8_0_864_288", 1.0) == 864 * 288 * 34 / 32 / 1e3   # RMSNorm fused in
+  assert _custom_kernel_gb_s("matvec_f16_288_768_res", 1.0) == 288 * 768 * 2 / 1e3            # residual fused in
   assert _custom_kernel_gb_s("r_16_18", 1.0) is None

@@ -205,7 +205,11 @@ def test_kernels_call_nothing_outside_themselves(monkeypatch):
     q(one.reshape(1, 64)), q(rows)
   cpu_kernels.matvec(one, w), cpu_kernels.matvec_swiglu(one, w, w), cpu_kernels.matmul_swiglu(rows, w, w)
   cpu_kernels.attention(Tensor.zeros(1, 2, 4, 16, device=DEV), cache, cache, 3)
-  assert len(sources) >= 7
+  norm = (Tensor.ones(64, device=DEV).contiguous().realize(), 1e-5)   # RMSNorm takes a square root
+  cpu_kernels.matvec_concat(one, [w], norm=norm, residual=Tensor.zeros(12, device=DEV)), cpu_kernels.matvec_swiglu(one, w, w, norm)
+  table = Tensor.ones(8, 8, device=DEV).contiguous().realize()
+  cpu_kernels.decode_attention(Tensor.zeros(64, device=DEV), cache, cache, table, table, Tensor([3], dtype=dtypes.int32, device=DEV), 2)
+  assert len(sources) >= 10
   compiler = ClangCompiler(["x86_64" if cpu_kernels.cpu_threads.supported() else "arm64", "native"])
   for src in sources:
     params = ", ".join(["float* data0"] + [f"void* data{i}" for i in range(1, 10)])   # {0} is the float32 output
@@ -213,3 +217,102 @@ def test_kernels_call_nothing_outside_themselves(monkeypatch):
     body = src.format(*[f"data{i}" for i in range(10)])
     obj = compiler.compile(f"void {name.group(1) if name else 'kernel'}({params}) {{\n{body}\n}}")
     elf_loader(obj)   # raises on a relocation against an undefined symbol
+
+
+def _np_rmsnorm_f32(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+  """RMSNorm as the kernels compute it, in float32 (x * (1 / sqrt(mean(x^2) + eps)) * w)."""
+  inv = np.float32(1) / np.sqrt(np.float32((x.astype(np.float64) ** 2).mean()) + np.float32(eps))
+  return x * inv * w.astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "int8", "int4"])
+def test_rmsnorm_and_residual_fuse_into_the_one_row_products(kind):
+  """norm_ kernels normalize x themselves (the norm weight read as the model stores it), _res kernels add the
+  residual: the same numbers as numpy's RMSNorm, product and sum."""
+  rng = np.random.default_rng(11)
+  K, eps = 96, 1e-5
+  x, res = rng.standard_normal(K).astype(np.float32) * 3, rng.standard_normal(8).astype(np.float32)
+  ws = [rng.standard_normal((n, K)).astype(np.float32) for n in (8, 8, 8)]
+  half = kind == "f16"
+  norm_w = Tensor((1 + 0.5 * rng.standard_normal(K)).astype(np.float32), device=DEV).cast(dtypes.float16 if half else dtypes.float32).realize()
+  x_n = _np_rmsnorm_f32(x, norm_w.float().numpy(), eps)
+  xt, norm = Tensor(x, device=DEV), (norm_w, eps)
+  if kind in ("f32", "f16"):
+    wt = [Tensor(w, device=DEV).cast(dtypes.float16 if half else dtypes.float32).contiguous().realize() for w in ws]
+    w64, x_used = [w.float().numpy().astype(np.float64) for w in wt], x_n.astype(np.float64)
+    qkv = cpu_kernels.matvec_concat(xt, wt, norm=norm)
+    h = cpu_kernels.matvec_swiglu(xt, wt[1], wt[2], norm=norm)
+    one = cpu_kernels.matvec_concat(Tensor(x_n, device=DEV), wt[:1], residual=Tensor(res, device=DEV))
+  else:
+    layers = [QuantLinear.from_float(Tensor(w, device=DEV), kind) for w in ws]
+    dequant = _np_dequant_q8_0 if kind == "int8" else _np_dequant_q4_0
+    w64, x_used = [dequant(q.packed.numpy(), q.scale.numpy()) for q in layers], np_q8_0_activations(x_n)
+    blocks = [(q.packed, q.scale) for q in layers]
+    qkv = cpu_kernels.matvec_blocks(layers[0].block_kind, xt, blocks, norm=norm)
+    h = cpu_kernels.matvec_blocks_swiglu(layers[0].block_kind, xt, blocks[1], blocks[2], norm=norm)
+    one = cpu_kernels.matvec_blocks(layers[0].block_kind, Tensor(x_n, device=DEV), blocks[:1], residual=Tensor(res, device=DEV))
+  np.testing.assert_allclose(qkv.numpy(), np.concatenate(w64) @ x_used, rtol=1e-5, atol=1e-4)
+  g, u = w64[1] @ x_used, w64[2] @ x_used
+  np.testing.assert_allclose(h.numpy(), g / (1 + np.exp(-g)) * u, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(one.numpy(), res + w64[0] @ x_used, rtol=1e-5, atol=1e-4)
+
+
+def _np_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+  """Rotate interleaved pairs of x [heads, D] by angles with cos/sin [D/2] (complex multiplication)."""
+  z = (x[:, 0::2] + 1j * x[:, 1::2]) * (cos + 1j * sin)
+  return np.stack([z.real, z.imag], -1).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [dtypes.float32, dtypes.float16])
+@pytest.mark.parametrize("head_dim", [16, 6])
+def test_decode_attention_rotates_writes_the_cache_and_attends(dtype, head_dim):
+  """One kernel per layer and token: RoPE of q and k at the position in a buffer, k and v into the cache at that
+  row (and no other), attention over rows 0..position (GQA: 4 query heads over 2 kv heads)."""
+  rng = np.random.default_rng(12)
+  H, KV, L, D = 4, 2, 12, head_dim
+  angles = np.outer(np.arange(L), 1.0 / 10000 ** (np.arange(0, D, 2) / D))
+  cos_t, sin_t = (Tensor(f(angles).astype(np.float32), device=DEV).realize() for f in (np.cos, np.sin))
+  history = [rng.standard_normal((KV, L, D)).astype(np.float32) for _ in range(2)]
+  k_t, v_t = (Tensor(h[None], device=DEV).cast(dtype).contiguous().realize() for h in history)
+  as_cache = np.float16 if dtype == dtypes.float16 else np.float32
+  k_np, v_np = (h.astype(as_cache).astype(np.float64) for h in history)
+  for pos in (5, 0, 11):
+    qkv = rng.standard_normal((H + 2 * KV) * D).astype(np.float32)
+    got = cpu_kernels.decode_attention(Tensor(qkv, device=DEV), k_t, v_t, cos_t, sin_t,
+                                       Tensor([pos], dtype=dtypes.int32, device=DEV), H).numpy()
+    c, s = np.cos(angles[pos]), np.sin(angles[pos])
+    q = _np_rope(qkv[:H * D].reshape(H, D).astype(np.float64), c, s)
+    k_np[:, pos] = _np_rope(qkv[H * D:(H + KV) * D].reshape(KV, D).astype(np.float64), c, s).astype(as_cache)
+    v_np[:, pos] = qkv[(H + KV) * D:].reshape(KV, D).astype(as_cache)
+    np.testing.assert_allclose(k_t.float().numpy()[0], k_np, rtol=1e-6, atol=1e-6)   # row pos written, the rest kept
+    np.testing.assert_allclose(v_t.float().numpy()[0], v_np, rtol=1e-6, atol=1e-6)
+    want = _np_attention(q[None, None], k_np[None], v_np[None], pos, np.zeros((1, L)))
+    np.testing.assert_allclose(got, want.reshape(-1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,mode", [(dtypes.float32, None), (dtypes.float16, None), (dtypes.float32, "int8"),
+                                        (dtypes.float16, "int4")])
+def test_fused_decode_step_matches_the_layer_by_layer_graph(dtype, mode):
+  """decode_step through the fused kernels (5 per layer + 3) gives the logits and the KV cache of tinygrad's
+  layer-by-layer graph for the same model."""
+  from tinyllama2.benchmark import _kernels_per_decode_step
+  from tinyllama2.config import ModelArgs
+  from tinyllama2.model import Transformer
+  from tinyllama2.quantize import quantize_model
+  def run(fused: bool):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=160)
+    m = Transformer(args, max_seq_len=24, dtype=dtype, device=DEV)
+    m.init_random(seed=1, std=0.2)
+    if mode: quantize_model(m, mode)
+    if not fused: m._decode_step_cpu = lambda x, pos: None
+    rt, logits = m._runtime, []
+    m.prefill(Tensor([[3, 17, 42]], device=DEV), 0).realize()
+    for i, tok in enumerate([5, 9, 11, 12]):
+      logits.append(rt.decode_jit(rt.tok_var.bind(tok), rt.pos_var.bind(3 + i)).numpy())
+    caches = [c.k.float().numpy() for c in rt.caches(1)] + [c.v.float().numpy() for c in rt.caches(1)]
+    return np.concatenate(logits), caches, _kernels_per_decode_step(m, 13, 7)
+  fused, generic = run(True), run(False)
+  np.testing.assert_allclose(fused[0], generic[0], rtol=1e-4, atol=1e-4)
+  for a, b in zip(fused[1], generic[1]): np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+  assert np.abs(fused[0]).max() > 1   # real logits, not zeros
+  assert fused[2] == 5 * 2 + 3 < generic[2]

@@ -133,7 +133,7 @@ def profile_kernels(fn) -> list[tuple[str, float, float]]:
 def _custom_kernel_gb_s(name: str, microseconds: float) -> float | None:
   """tinygrad has no byte count for our C matvec kernels; their names carry the weight shape and kind."""
   from .cpu_kernels import BYTES_PER_WEIGHT
-  m = re.fullmatch(r"(matvec\d?|swiglu)_(\w+?)_(\d+)_(\d+)", name)
+  m = re.fullmatch(r"(?:norm_)?(matvec\d?|swiglu)_(\w+?)_(\d+)_(\d+)(?:_res)?", name)   # norm_/_res: fused RMSNorm/residual
   if m is None or m.group(2) not in BYTES_PER_WEIGHT: return None
   matrices = 2 if m.group(1) == "swiglu" else 1
   return matrices * int(m.group(3)) * int(m.group(4)) * BYTES_PER_WEIGHT[m.group(2)] / (microseconds * 1e3)
@@ -146,7 +146,7 @@ def format_profile(rows: list[tuple[str, float, float]], top: int = 15) -> str:
   for name, t, gbs in sorted(rows, key=lambda r: -r[1])[:top]:
     lines.append(f"{name} | {t:.0f} | {t / max(total, 1e-9):.0%} | {gbs:.0f}")
   by_kind: dict[str, list[float]] = {}
-  for name, t, _ in rows: by_kind.setdefault(re.sub(r"(_\d+|_\(.*)+$", "", name.split()[0]), []).append(t)
+  for name, t, _ in rows: by_kind.setdefault(re.sub(r"(_\d+|_\(.*|_res)+$", "", name.split()[0]), []).append(t)
   lines.append("by kind: " + ", ".join(f"{k} {len(ts)}x {sum(ts) / 1e3:.2f} ms"
                                       for k, ts in sorted(by_kind.items(), key=lambda kv: -sum(kv[1]))))
   return "\n".join(lines)
@@ -158,7 +158,7 @@ _LLAMA_CPP_SCRIPT = r"""
 import json, sys, time
 import numpy as np
 from llama_cpp import Llama
-path, prompt, new_tokens, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path, prompt, new_tokens, threads, repeats = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 llm = Llama(model_path=path, n_ctx=len(prompt) + new_tokens + 8, n_batch=len(prompt), n_threads=threads,
             n_threads_batch=threads, verbose=False)
 vocab = llm.n_vocab()
@@ -175,15 +175,16 @@ def run():
     tok = int(np.argmax(last_logits()))
   return prefill, (new_tokens - warmup) / (time.perf_counter() - t1)
 run()
-prefill, decode = run()
-print(json.dumps({"prefill_tok_s": prefill, "decode_tok_s": decode}))
+runs = [run() for _ in range(repeats)]
+print(json.dumps({"prefill_tok_s": max(r[0] for r in runs), "decode_tok_s": max(r[1] for r in runs)}))
 """
 
 
 def llama_cpp_reference(python: str, model, file_type: str, tokenizer: str, prompt: list[int], new_tokens: int,
-                        threads: int) -> tuple[float, float]:
+                        threads: int, repeats: int = 1) -> tuple[float, float]:
   """(prefill, decode) tokens/s of llama.cpp (through llama-cpp-python run by `python`) on this model's weights,
-  written to a temporary GGUF of `file_type` (f32, f16, q8_0, q4_0) with `tokenizer` embedded."""
+  written to a temporary GGUF of `file_type` (f32, f16, q8_0, q4_0) with `tokenizer` embedded; the best of
+  `repeats` runs after a warm-up, as for ours."""
   import subprocess
   import tempfile
   from .checkpoint import gguf
@@ -192,7 +193,8 @@ def llama_cpp_reference(python: str, model, file_type: str, tokenizer: str, prom
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "model.gguf")
     gguf.save(path, model.args, float_weights(model), Tokenizer(tokenizer), dtype=file_type)
-    run = subprocess.run([python, "-c", _LLAMA_CPP_SCRIPT, path, json.dumps(prompt), str(new_tokens), str(threads)],
+    run = subprocess.run([python, "-c", _LLAMA_CPP_SCRIPT, path, json.dumps(prompt), str(new_tokens), str(threads),
+                          str(repeats)],
                          capture_output=True, text=True)
   if run.returncode != 0: raise RuntimeError(f"llama.cpp reference run with {python} failed:\n{run.stderr[-2000:]}")
   r = json.loads(run.stdout.strip().splitlines()[-1])
@@ -202,7 +204,9 @@ def llama_cpp_reference(python: str, model, file_type: str, tokenizer: str, prom
 def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128, new_tokens: int = 128,
               bandwidth: float | None = None, tokenizer: str | None = None, quantize: str | None = None,
               profile: bool = False, beam: int = 0, threads: int | None = None,
-              llama_cpp: str | None = None) -> BenchResult:
+              llama_cpp: str | None = None, repeats: int = 1) -> BenchResult:
+  """One model × dtype × quantization. Prefill and decode are the best of `repeats` warm runs (and llama.cpp's
+  too): on a shared 2-core machine one run of a small model varies by ±20%, mostly downwards."""
   from tinygrad import GlobalCounters
   from . import cpu_threads
   if threads is not None: cpu_threads.set_threads(threads)
@@ -226,7 +230,8 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
 
   ttft_cold, _, _, _ = run()
   for _ in range(2): dec.prefill(prompt)   # capture the prefill graph, then its first (slower) replay
-  ttft_warm, prefill, decode, tok = run()
+  runs = [run() for _ in range(repeats)]
+  ttft_warm, prefill, decode, tok = min(r[0] for r in runs), max(r[1] for r in runs), max(r[2] for r in runs), runs[-1][3]
   kernels = _kernels_per_decode_step(m, tok, prompt_len)
   if profile:
     if os.environ.get("HCQ2", "0") != "0":
@@ -243,7 +248,7 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
   file_type = {"int8": "q8_0", "int4": "q4_0"}.get(quantize or "", {"float32": "f32", "float16": "f16"}.get(dtype_name))
   if llama_cpp and m.device.startswith("CPU") and file_type:   # (no bf16 reference)
     reference = llama_cpp_reference(llama_cpp, m, file_type, _reference_tokenizer(tokenizer, m.args.vocab_size), prompt,
-                                    new_tokens, cpu_threads.config.threads)
+                                    new_tokens, cpu_threads.config.threads, repeats)
   return BenchResult(model=model, device=m.device, dtype=dtype_name + (f"+{quantize}" if quantize else ""), params_m=m.args.n_params() / 1e6,
                      weight_mb=weight_bytes / 1e6, prefill_tok_s=prefill, decode_tok_s=decode, ttft_cold_s=ttft_cold,
                      ttft_warm_s=ttft_warm, peak_rss_mb=peak_rss_mb,
@@ -307,6 +312,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                  help="compile decode with tinygrad BEAM search of this width (use after `tinyllama2 tune`)")
   p.add_argument("--threads", type=int, action="append",
                  help="threads per CPU decode kernel (repeatable, to compare; default: every core, at most 8)")
+  p.add_argument("--repeats", type=int, default=3, help="timed runs per row (and per llama.cpp reference); the best counts")
   p.add_argument("--json", help="also write results as JSON to this file ('-' for stdout only)")
   p.add_argument("--llama-cpp", metavar="PYTHON", help="also run llama.cpp on the same weights, prompt and threads "
                  "with this Python, which has llama-cpp-python installed (CPU rows; int8/int4 as Q8_0/Q4_0)")
@@ -318,7 +324,7 @@ def _bench_in_subprocess(a: argparse.Namespace, model: str, device: str | None, 
   import subprocess
   cmd = [sys.executable, "-m", "tinyllama2.cli", "bench", "--model", model, "--dtype", dtype, "--quantize",
          quantize or "none", "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens), "--beam",
-         str(a.beam), "--json", "-"] + (["--device", device] if device else []) + \
+         str(a.beam), "--repeats", str(a.repeats), "--json", "-"] + (["--device", device] if device else []) + \
         (["--tokenizer", a.tokenizer] if a.tokenizer else []) + (["--profile"] if a.profile else []) + \
         (["--threads", str(threads)] if threads else []) + (["--llama-cpp", a.llama_cpp] if a.llama_cpp else [])
   run = subprocess.run(cmd, capture_output=True, text=True)
@@ -329,6 +335,7 @@ def _bench_in_subprocess(a: argparse.Namespace, model: str, device: str | None, 
 
 def main(a: argparse.Namespace) -> list[BenchResult]:
   from tqdm import tqdm
+  if a.repeats < 1: raise SystemExit(f"--repeats must be at least 1, got {a.repeats}")
   models = (a.model or []) + (a.shape or []) or ["stories15M"]
   devices, dtypes_ = a.device or [None], a.dtype or ["float32"]
   bw = measure_read_bandwidth()
@@ -338,7 +345,7 @@ def main(a: argparse.Namespace) -> list[BenchResult]:
   for m, d, t, q, n in tqdm(combos, desc="bench", file=sys.stderr, disable=len(combos) < 2):
     if len(combos) == 1:
       rows.append(bench_one(m, d, t, a.prompt_len, a.new_tokens, bandwidth=bw, tokenizer=a.tokenizer, quantize=q,
-                            profile=a.profile, beam=a.beam, threads=n, llama_cpp=a.llama_cpp))
+                            profile=a.profile, beam=a.beam, threads=n, llama_cpp=a.llama_cpp, repeats=a.repeats))
     else: rows.append(_bench_in_subprocess(a, m, d, t, q, n))
   if a.json == "-": print(json.dumps([asdict(r) for r in rows], indent=2))
   else:

@@ -177,14 +177,54 @@ def _rows_per_chunk(n_rows: int, row_bytes: float, threads: int) -> int:
 
 
 def _run(name: str, declarations: str, rows: str, n_out: int, row_bytes: float, x: Tensor, *weights: Tensor,
-         n_rows: int | None = None, chunk_multiple: int = 1, prologue: str = "") -> Tensor:
+         n_rows: int | None = None, chunk_multiple: int = 1, prologue: str = "", extra: _Extras | None = None) -> Tensor:
   """One kernel computing n_out float32 outputs from n_rows independent weight rows (n_out by default), shared
-  between threads in chunks of ~16 KB of weights (a multiple of chunk_multiple rows)."""
+  between threads in chunks of ~16 KB of weights (a multiple of chunk_multiple rows). `extra` adds its inputs
+  after the weights and its x set-up before `prologue`; without it tl_x is x itself."""
   n_rows = n_rows or n_out
   threads = cpu_threads.config.threads
   chunk = -(-_rows_per_chunk(n_rows, row_bytes, threads) // chunk_multiple) * chunk_multiple
-  return _launch(name, declarations, rows, n_out, [x.reshape(-1).float(), *[w.reshape(-1) for w in weights]], n_rows, chunk,
-                 prologue)
+  inputs = [x.reshape(-1).float(), *[w.reshape(-1) for w in weights]]
+  setup = "const float* restrict tl_x = tl_in;\n"
+  if extra is not None:
+    declarations, setup = declarations + extra.declarations, extra.setup
+    inputs += extra.inputs
+  return _launch(name, declarations, rows, n_out, inputs, n_rows, chunk, setup + prologue)
+
+
+class _Extras:
+  """What a matrix-vector kernel may fuse around its product, as C and inputs: RMSNorm of x before it (norm =
+  (weight, eps); every thread normalizes its own copy of x, a few microseconds) and a residual added to each
+  output (out[n] = residual[n] + row n · x). Saves the norm's two kernels and the add's one per use."""
+
+  def __init__(self, first_param: int, K: int, norm: tuple[Tensor, float] | None, residual: Tensor | None):
+    self.declarations, self.inputs, self.store = "", [], "{value}"
+    self.setup = "const float* restrict tl_x = tl_in;\n"
+    if norm is not None:
+      weight, eps = norm
+      wt = _WEIGHT_C_TYPE[weight.dtype]
+      self.declarations += f"const {wt}* restrict tl_nw = (const {wt}*){{{first_param}}};\n"
+      self.inputs.append(weight.reshape(-1))
+      self.setup = f"""float tl_xn[{K}] __attribute__((aligned(32)));
+{{
+  tl_f8 a = 0;
+  int k = 0;
+  for (; k + 8 <= {K}; k += 8) {{ tl_f8 v = *(const tl_f8*)(tl_in + k); a += v * v; }}
+  float ss = {_HSUM8};
+  for (; k < {K}; k++) ss += tl_in[k] * tl_in[k];
+  float inv = 1.0f / __builtin_sqrtf(ss / {K} + {float(eps)!r}f);
+  for (k = 0; k < {K}; k++) tl_xn[k] = tl_in[k] * inv * (float)tl_nw[k];
+}}
+const float* restrict tl_x = tl_xn;
+"""
+    if residual is not None:
+      self.declarations += f"const float* restrict tl_res = (const float*){{{first_param + len(self.inputs)}}};\n"
+      self.inputs.append(residual.reshape(-1).float())
+      self.store = "tl_res[n] + {value}"
+
+
+def _extras(first_param: int, K: int, norm: tuple[Tensor, float] | None, residual: Tensor | None) -> _Extras | None:
+  return None if norm is None and residual is None else _Extras(first_param, K, norm, residual)
 
 
 def _launch(name: str, declarations: str, rows: str, n_out: int, inputs: list[Tensor], n_rows: int, rows_per_chunk: int,
@@ -208,7 +248,7 @@ def _dense_declarations(weights: list[Tensor]) -> str:
   """Typed pointers tl_w0, tl_w1, ... to the dense weights {2}, {3}, ... and x as tl_x."""
   wt = _WEIGHT_C_TYPE[weights[0].dtype]
   ptrs = "".join(f"const {wt}* restrict tl_w{i} = (const {wt}*){{{i + 2}}};\n" for i in range(len(weights)))
-  return ptrs + "const float* restrict tl_x = (const float*){1};\n"
+  return ptrs + "const float* restrict tl_in = (const float*){1};\n"
 
 
 def _kind(weight: Tensor) -> str: return "f16" if weight.dtype == dtypes.float16 else "f32"
@@ -219,27 +259,37 @@ def matvec(x: Tensor, weight: Tensor) -> Tensor:
   return matvec_concat(x, [weight], name=f"matvec_{_kind(weight)}_{weight.shape[0]}_{weight.shape[1]}")
 
 
-def matvec_concat(x: Tensor, weights: list[Tensor], name: str | None = None) -> Tensor:
-  """[x @ w.T for w in weights] concatenated, in one kernel (the q, k and v projections of a layer)."""
+def _fused_name(name: str, norm: tuple[Tensor, float] | None, residual: Tensor | None) -> str:
+  """Kernel names say what is fused in: norm_ before, _res after (a profile then tells the variants apart)."""
+  return ("norm_" if norm is not None else "") + name + ("_res" if residual is not None else "")
+
+
+def matvec_concat(x: Tensor, weights: list[Tensor], name: str | None = None, norm: tuple[Tensor, float] | None = None,
+                  residual: Tensor | None = None) -> Tensor:
+  """[x @ w.T for w in weights] concatenated, in one kernel (the q, k and v projections of a layer); with
+  norm = (weight, eps), x is RMS-normalized first, and a residual [sum of N] is added to the output."""
   K, wt, load8 = weights[0].shape[1], _WEIGHT_C_TYPE[weights[0].dtype], _LOAD8[weights[0].dtype]
+  extra = _extras(2 + len(weights), K, norm, residual)
+  store = extra.store if extra else "{value}"
   rows, offset = "", 0
   for i, w in enumerate(weights):   # output rows [offset, offset + N) come from weight i
     N = w.shape[0]
     rows += f"for (int n = (tl_lo > {offset} ? tl_lo : {offset}); n < (tl_hi < {offset + N} ? tl_hi : {offset + N}); n++) {{\n" \
-            f"  {_dot_row(f'tl_w{i} + (long)(n - {offset}) * {K}', wt, K, load8, 's')}  {{0}}[n] = s;\n}}\n"
+            f"  {_dot_row(f'tl_w{i} + (long)(n - {offset}) * {K}', wt, K, load8, 's')}  {{0}}[n] = {store.format(value='s')};\n}}\n"
     offset += N
-  name = name or f"matvec{len(weights)}_{_kind(weights[0])}_{offset}_{K}"
-  return _run(name, _dense_declarations(weights), rows, offset, K * weights[0].dtype.itemsize, x, *weights)
+  name = _fused_name(name or f"matvec{len(weights)}_{_kind(weights[0])}_{offset}_{K}", norm, residual)
+  return _run(name, _dense_declarations(weights), rows, offset, K * weights[0].dtype.itemsize, x, *weights, extra=extra)
 
 
-def matvec_swiglu(x: Tensor, gate: Tensor, up: Tensor) -> Tensor:
-  """silu(x @ gate.T) * (x @ up.T) → float32 [N] in one kernel that streams both weights row by row."""
+def matvec_swiglu(x: Tensor, gate: Tensor, up: Tensor, norm: tuple[Tensor, float] | None = None) -> Tensor:
+  """silu(x @ gate.T) * (x @ up.T) → float32 [N] in one kernel that streams both weights row by row (x
+  RMS-normalized first with norm = (weight, eps))."""
   (N, K), wt, load8 = gate.shape, _WEIGHT_C_TYPE[gate.dtype], _LOAD8[gate.dtype]
   rows = f"for (int n = tl_lo; n < tl_hi; n++) {{\n  {_dot_row(f'tl_w0 + (long)n * {K}', wt, K, load8, 'g')}" \
          f"  {_dot_row(f'tl_w1 + (long)n * {K}', wt, K, load8, 'u')}" \
          f"  {{0}}[n] = g / (1.0f + TL_EXPF(-g)) * u;\n}}\n"
-  return _run(f"swiglu_{_kind(gate)}_{N}_{K}", _dense_declarations([gate, up]), rows, N, 2 * K * gate.dtype.itemsize,
-              x, gate, up)
+  return _run(_fused_name(f"swiglu_{_kind(gate)}_{N}_{K}", norm, None), _dense_declarations([gate, up]), rows, N,
+              2 * K * gate.dtype.itemsize, x, gate, up, extra=_extras(4, K, norm, None))
 
 
 def _block_declarations(kind: str, n_layers: int) -> str:
@@ -247,33 +297,39 @@ def _block_declarations(kind: str, n_layers: int) -> str:
   qt = _C_TYPE[kind]
   ptrs = "".join(f"const {qt}* restrict tl_q{i} = (const {qt}*){{{2 + 2 * i}}};\n"
                  f"const __fp16* restrict tl_d{i} = (const __fp16*){{{3 + 2 * i}}};\n" for i in range(n_layers))
-  return ptrs + "const float* restrict tl_x = (const float*){1};\n"
+  return ptrs + "const float* restrict tl_in = (const float*){1};\n"
 
 
-def matvec_blocks(kind: str, x: Tensor, layers: list[tuple[Tensor, Tensor]]) -> Tensor:
+def matvec_blocks(kind: str, x: Tensor, layers: list[tuple[Tensor, Tensor]], norm: tuple[Tensor, float] | None = None,
+                  residual: Tensor | None = None) -> Tensor:
   """x [..., K] (one row) against Q8_0 ("q8_0") or Q4_0 ("q4_0") layers (packed [N, K/32, 32 or 16], fp16 scale
   [N, K/32]) → float32 [sum of N], their outputs one after another, in one kernel: x is rounded to Q8_0 blocks
-  once for all of them (the q, k and v projections of a layer)."""
+  once for all of them (the q, k and v projections of a layer). norm and residual as in `matvec_concat`."""
   NB, rows, offset = layers[0][1].shape[1], "", 0
+  extra = _extras(2 + 2 * len(layers), NB * QBLOCK, norm, residual)
+  store = extra.store if extra else "{value}"
   for i, (_, scale) in enumerate(layers):   # output rows [offset, offset + N) come from layer i
     N = scale.shape[0]
     rows += f"for (int n = (tl_lo > {offset} ? tl_lo : {offset}); n < (tl_hi < {offset + N} ? tl_hi : {offset + N}); n++) {{\n" \
-            f"  {_block_row_dot(kind, i, f'n - {offset}', NB, 's')}  {{0}}[n] = s;\n}}\n"
+            f"  {_block_row_dot(kind, i, f'n - {offset}', NB, 's')}  {{0}}[n] = {store.format(value='s')};\n}}\n"
     offset += N
   fill = {"K": NB * QBLOCK, "NB": NB}
-  name = f"matvec{len(layers) if len(layers) > 1 else ''}_{kind}_{offset}_{NB * QBLOCK}"
+  name = _fused_name(f"matvec{len(layers) if len(layers) > 1 else ''}_{kind}_{offset}_{NB * QBLOCK}", norm, residual)
   return _run(name, _block_declarations(kind, len(layers)), rows, offset, NB * QBLOCK * BYTES_PER_WEIGHT[kind], x,
-              *[t for layer in layers for t in layer], prologue=_QUANTIZE_X % fill)
+              *[t for layer in layers for t in layer], prologue=_QUANTIZE_X % fill, extra=extra)
 
 
-def matvec_blocks_swiglu(kind: str, x: Tensor, gate: tuple[Tensor, Tensor], up: tuple[Tensor, Tensor]) -> Tensor:
-  """silu(x @ dequant(gate).T) * (x @ dequant(up).T) → float32 [N] for one row x, in one kernel."""
+def matvec_blocks_swiglu(kind: str, x: Tensor, gate: tuple[Tensor, Tensor], up: tuple[Tensor, Tensor],
+                         norm: tuple[Tensor, float] | None = None) -> Tensor:
+  """silu(x @ dequant(gate).T) * (x @ dequant(up).T) → float32 [N] for one row x, in one kernel (x RMS-normalized
+  first with norm = (weight, eps))."""
   N, NB = gate[1].shape
   rows = f"for (int n = tl_lo; n < tl_hi; n++) {{\n  {_block_row_dot(kind, 0, 'n', NB, 'g')}" \
          f"  {_block_row_dot(kind, 1, 'n', NB, 'u')}  {{0}}[n] = g / (1.0f + TL_EXPF(-g)) * u;\n}}\n"
   fill = {"K": NB * QBLOCK, "NB": NB}
-  return _run(f"swiglu_{kind}_{N}_{NB * QBLOCK}", _block_declarations(kind, 2), rows, N,
-              2 * NB * QBLOCK * BYTES_PER_WEIGHT[kind], x, *gate, *up, prologue=_QUANTIZE_X % fill)
+  return _run(_fused_name(f"swiglu_{kind}_{N}_{NB * QBLOCK}", norm, None), _block_declarations(kind, 2), rows, N,
+              2 * NB * QBLOCK * BYTES_PER_WEIGHT[kind], x, *gate, *up, prologue=_QUANTIZE_X % fill,
+              extra=_extras(6, NB * QBLOCK, norm, None))
 
 
 def matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
@@ -357,7 +413,7 @@ def _matmul(name: str, x: Tensor, weights: list[tuple[Tensor, Tensor | None]], k
   """y [..., N] = x [..., K] @ W.T for one weight, or combine(g, u) of two products with weights (W_g, W_u)."""
   K, N = x.shape[-1], weights[0][0].shape[0]
   M = x.numel() // K
-  decl = "float* restrict tl_y = (float*){0};\nconst float* restrict tl_x = (const float*){1};\n"
+  decl = "float* restrict tl_y = (float*){0};\nconst float* restrict tl_in = (const float*){1};\n"
   inputs, prefixes = [], ("w", "u")
   for i, (w, scale) in enumerate(weights):
     decl += f"const {_C_TYPE[kind]}* restrict tl_w{i} = (const {_C_TYPE[kind]}*){{{len(inputs) + 2}}};\n"
@@ -453,3 +509,72 @@ def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
 """
   out = _launch(f"attention_{_kind(cache_k)}_{B}_{T}_{H}_{KV}_{D}", decl, rows, B * T * H * D, inputs, B * T * H, 1)
   return out.reshape(B, T, H, D)
+
+
+def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, position: Tensor,
+                     n_heads: int) -> Tensor:
+  """One new token of one sequence, in one kernel: RoPE of its q and k (qkv = q, k, v unrotated, [H*D + 2*KV*D]) with
+  row `position` of the tables cos/sin [max_len, D/2], its k and v written into the caches [1, KV, max_len, D] at
+  that position, then causal attention of q over positions 0..position → float32 [H*D]. position is an int32 [1]
+  buffer, so one compiled kernel serves every step. The cache write happens inside the kernel, unseen by
+  tinygrad's graph: nothing else in a decode step reads the cache, and the next step's kernels run after this one.
+  The first query head of each kv head writes that head's row; every head uses its own copy of the new k and v
+  (rounded to the cache dtype, as a cache read would give), so no head reads a row another thread is writing.
+  Replaces seven kernels per layer (RoPE of q and k, two cache writes, the position, attention)."""
+  _, KV, max_len, D = cache_k.shape
+  H, half = n_heads, D // 2
+  kt, load8 = _WEIGHT_C_TYPE[cache_k.dtype], _LOAD8[cache_k.dtype]
+  decl = f"""float* restrict tl_o = (float*){{0}};
+const float* restrict tl_qkv = (const float*){{1}};
+{kt}* tl_k = ({kt}*){{2}};
+{kt}* tl_v = ({kt}*){{3}};
+const float* restrict tl_cos = (const float*){{4}};
+const float* restrict tl_sin = (const float*){{5}};
+const int tl_pos = *(const int*){{6}};
+"""
+  rotate = lambda src, dst, cast: f"""for (int i = 0; i < {half}; i++) {{
+    float x0 = {src}[2 * i], x1 = {src}[2 * i + 1];
+    {dst}[2 * i] = {cast}(x0 * c[i] - x1 * sn[i]);
+    {dst}[2 * i + 1] = {cast}(x0 * sn[i] + x1 * c[i]);
+  }}"""
+  rows = f"""for (int h = tl_lo; h < tl_hi; h++) {{
+  int g = h / {H // KV};
+  const float *c = tl_cos + (long)tl_pos * {half}, *sn = tl_sin + (long)tl_pos * {half};
+  float q[{D}] __attribute__((aligned(32)));
+  {kt} k_new[{D}] __attribute__((aligned(32))), v_new[{D}] __attribute__((aligned(32)));
+  const float* q_in = tl_qkv + h * {D};
+  const float* k_in = tl_qkv + {H * D} + g * {D};
+  const float* v_in = tl_qkv + {(H + KV) * D} + g * {D};
+  {rotate("q_in", "q", "")}
+  {rotate("k_in", "k_new", f"({kt})")}
+  for (int d = 0; d < {D}; d++) v_new[d] = ({kt})v_in[d];
+  long head = (long)g * {max_len * D};
+  if (h % {H // KV} == 0) for (int d = 0; d < {D}; d++) {{
+    tl_k[head + (long)tl_pos * {D} + d] = k_new[d];
+    tl_v[head + (long)tl_pos * {D} + d] = v_new[d];
+  }}
+  int n_keys = tl_pos + 1;
+  float scores[n_keys];
+  float top = -__builtin_inff();
+  for (int s = 0; s < n_keys; s++) {{
+    const {kt}* k = s < tl_pos ? tl_k + head + (long)s * {D} : k_new;
+    {_dot(D, "q", "k", load8)}
+    scores[s] = dot * {1 / D ** 0.5!r}f;
+    if (scores[s] > top) top = scores[s];
+  }}
+  float acc[{D}] __attribute__((aligned(32)));
+  for (int d = 0; d < {D}; d++) acc[d] = 0;
+  float total = 0;
+  for (int s = 0; s < n_keys; s++) {{
+    float p = TL_EXPF(scores[s] - top);
+    const {kt}* v = s < tl_pos ? tl_v + head + (long)s * {D} : v_new;
+    total += p;
+    for (int d = 0; d < {D}; d++) acc[d] += p * (float)v[d];
+  }}
+  float* o = tl_o + (long)h * {D};
+  for (int d = 0; d < {D}; d++) o[d] = acc[d] / total;
+}}
+"""
+  inputs = [qkv.reshape(-1).float(), cache_k.reshape(-1), cache_v.reshape(-1), cos.reshape(-1), sin.reshape(-1),
+            position.reshape(-1)]
+  return _launch(f"decode_attention_{_kind(cache_k)}_{H}_{KV}_{D}_{max_len}", decl, rows, H * D, inputs, H, 1)
