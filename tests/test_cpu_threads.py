@@ -2,6 +2,7 @@
 and one thread and two threads agree (each in a fresh process, since the thread count is fixed at first use)."""
 import ctypes
 import json
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,7 @@ def test_every_kernel_kind_with_helpers_matches_numpy_call_after_call():
   q8, q4 = QuantLinear.from_float(wt, "int8"), QuantLinear.from_float(wt, "int4")
   qkv = [wt[:500].contiguous().realize(), wt[500:800].contiguous().realize(), wt[800:].contiguous().realize()]
 
+  big = Tensor.ones(8192, 288, device=DEV).contiguous().realize()   # ~1 ms: the host thread is waiting, and helps, by its end
   row_scale = np.array([1.0, -2.0, 0.5, 3.0, 1.5], dtype=np.float32)
   rows_of = Tensor(row_scale, device=DEV).reshape(5, 1)
 
@@ -47,13 +49,13 @@ def test_every_kernel_kind_with_helpers_matches_numpy_call_after_call():
     rows = xt.reshape(1, 288) * rows_of   # five rows: the prefill kernels
     return [t.realize() for t in (cpu_kernels.matvec(xt, wt), cpu_kernels.matvec(xt, wh), cpu_kernels.matvec_concat(xt, qkv),
                                   cpu_kernels.matvec_swiglu(xt, wt, w2t), q8(xt.reshape(1, 288)), q4(xt.reshape(1, 288)),
-                                  cpu_kernels.matmul(rows, wh), q4(rows))]
+                                  cpu_kernels.matmul(rows, wh), q4(rows), cpu_kernels.matvec(xt, big))]
 
   x64, w2_64 = x.astype(np.float64), w2.astype(np.float64)
   g, g_half = w.astype(np.float64) @ x64, wh.float().numpy().astype(np.float64) @ x64
   q8_w, q4_w = (q.dequantize(dtypes.float32).numpy().astype(np.float64) for q in (q8, q4))
   pool = cpu_threads.pool(DEV)
-  assert pool is not None and len(pool.helpers) == cpu_threads.config.threads - 1
+  assert pool is not None and len(pool.helpers) + pool.host_helps == cpu_threads.config.threads - 1
   joined = pool.kernels_joined()
   for i in range(12):   # a captured graph replayed: helpers join kernels that follow each other closely
     xi = Tensor(x * (i + 1), device=DEV).reshape(1, 288).realize()
@@ -67,6 +69,7 @@ def test_every_kernel_kind_with_helpers_matches_numpy_call_after_call():
       np.testing.assert_allclose(out, deq @ np_q8_0_activations(x * (i + 1)), rtol=1e-4, atol=1e-3 * (i + 1))
     for deq, out in ((g_half, outs[6]), (q4_w @ x64, outs[7])):
       np.testing.assert_allclose(out.reshape(5, 1000), np.outer(row_scale, deq) * (i + 1), rtol=1e-4, atol=3e-3 * (i + 1))
+    np.testing.assert_allclose(outs[8], np.full(8192, x64.sum() * (i + 1)), rtol=1e-4, atol=1e-3 * (i + 1))
   assert pool.kernels_joined() > joined, "no helper thread ever worked on a kernel"
 
 
@@ -92,23 +95,27 @@ def test_a_kernel_that_finds_the_mailbox_taken_does_all_its_rows_alone():
 _ONE_PROCESS = """
 import json, sys
 import numpy as np
+from tinyllama2 import cpu_kernels, cpu_threads   # first: it turns tinygrad's HCQ2 queue on for the CPU
 from tinygrad import Tensor
-from tinyllama2 import cpu_kernels, cpu_threads
 cpu_threads.set_threads(int(sys.argv[1]))
 rng = np.random.default_rng(5)
 x, w = rng.standard_normal(256).astype(np.float32), rng.standard_normal((700, 256)).astype(np.float32)
 y = cpu_kernels.matvec(Tensor(x, device="CPU"), Tensor(w, device="CPU").realize()).numpy()
-print(json.dumps({"threads": cpu_threads.config.threads, "pool": cpu_threads.pool("CPU") is not None,
-                  "err": float(np.abs(y - w.astype(np.float64) @ x).max())}))
+pool = cpu_threads.pool("CPU")
+print(json.dumps({"threads": cpu_threads.config.threads, "own_threads": None if pool is None else len(pool.helpers),
+                  "host_helps": pool is not None and pool.host_helps, "err": float(np.abs(y - w.astype(np.float64) @ x).max())}))
 """
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_one_and_two_threads_in_fresh_processes(threads):
-  run = subprocess.run([sys.executable, "-c", _ONE_PROCESS, str(threads)], capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_one_two_and_three_threads_in_fresh_processes(threads):
+  """n threads per kernel: tinygrad's queue worker, the host thread while it waits, and n - 2 threads of their own."""
+  run = subprocess.run([sys.executable, "-c", _ONE_PROCESS, str(threads)], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k not in ("HCQ2", "DEV")})
   assert run.returncode == 0, run.stderr[-2000:]
   got = json.loads(run.stdout.strip().splitlines()[-1])
-  assert got == {"threads": threads, "pool": threads > 1, "err": pytest.approx(0, abs=1e-3)}
+  assert got == {"threads": threads, "own_threads": None if threads == 1 else threads - 2, "host_helps": threads > 1,
+                 "err": pytest.approx(0, abs=1e-3)}
 
 
 def test_thread_count_is_checked():

@@ -8,6 +8,11 @@ its buffer pointers — then both the kernel's thread and the helpers take chunk
 counter until none are left; the kernel returns only after every helper that joined has finished. A helper
 that is asleep or late simply finds no chunks, so a kernel never waits for one that did not join.
 
+With tinygrad's HCQ2 queue (which tinyllama2 turns on for the CPU) kernels run on a queue worker thread while
+the host thread waits for them; that waiting thread is one of the helpers. So on two cores a decode step runs
+on exactly two threads, the queue's worker and the host, as llama.cpp's does: a third thread would make the OS
+time-share the cores, and a helper descheduled while holding a chunk stalls the whole kernel.
+
 The mailbox lives in private (copy-on-write) memory, so a forked child never shares it with the parent's
 helpers. Kernels take their own address with inline assembly, which exists here for x86-64 only; elsewhere
 the kernels run their rows on one thread as before.
@@ -51,6 +56,25 @@ static u64 tl_now_ns(void) {
   return (u64)t.tv_sec * 1000000000ull + (u64)t.tv_nsec;
 }
 
+/* Work on the kernel posted as sequence number s, if its chunks are still open. */
+static void tl_join(u64* mb, u64 s) {
+  u64 c = __atomic_load_n(&mb[TL_CLAIM], __ATOMIC_ACQUIRE);
+  while ((c >> 8) == s && !(c & TL_CLOSED)) {
+    if (__atomic_compare_exchange_n(&mb[TL_CLAIM], &c, c + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+      ((tl_kernel)mb[TL_FN])(mb[TL_ARGS], mb[TL_ARGS + 1], mb[TL_ARGS + 2], mb[TL_ARGS + 3], mb[TL_ARGS + 4], mb[TL_ARGS + 5],
+                          mb[TL_ARGS + 6], mb[TL_ARGS + 7], mb[TL_ARGS + 8], mb[TL_ARGS + 9]);
+      __atomic_fetch_add(&mb[TL_JOINED], 1, __ATOMIC_RELAXED);   /* statistics: kernels a helper worked on */
+      __atomic_fetch_add(&mb[TL_DONE], 1, __ATOMIC_RELEASE);
+      return;
+    }
+  }
+}
+
+static void tl_nap(u64 ns) {
+  struct timespec nap = {0, (long)ns};
+  nanosleep(&nap, 0);
+}
+
 /* Watch the mailbox forever: spin while kernels keep coming, nap once it has been idle for spin_ns. */
 void tl_helper(u64* mb, u64 spin_ns) {
   u64 seen = __atomic_load_n(&mb[TL_SEQ], __ATOMIC_ACQUIRE), last = tl_now_ns();
@@ -59,25 +83,35 @@ void tl_helper(u64* mb, u64 spin_ns) {
     if (s == seen) {
       for (int i = 0; i < 32; i++) tl_pause();
       u64 idle = tl_now_ns() - last;
-      if (idle > spin_ns) {
-        struct timespec nap = {0, idle > 100 * spin_ns ? 5000000 : 50000};   /* long idle (a chat waiting for input): 5 ms naps */
-        nanosleep(&nap, 0);
-      }
+      if (idle > spin_ns) tl_nap(idle > 100 * spin_ns ? 5000000 : 50000);   /* long idle (a chat waiting for input): 5 ms naps */
       continue;
     }
     seen = s;
-    u64 c = __atomic_load_n(&mb[TL_CLAIM], __ATOMIC_ACQUIRE);
-    while ((c >> 8) == s && !(c & TL_CLOSED)) {
-      if (__atomic_compare_exchange_n(&mb[TL_CLAIM], &c, c + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-        ((tl_kernel)mb[TL_FN])(mb[TL_ARGS], mb[TL_ARGS + 1], mb[TL_ARGS + 2], mb[TL_ARGS + 3], mb[TL_ARGS + 4], mb[TL_ARGS + 5],
-                            mb[TL_ARGS + 6], mb[TL_ARGS + 7], mb[TL_ARGS + 8], mb[TL_ARGS + 9]);
-        __atomic_fetch_add(&mb[TL_JOINED], 1, __ATOMIC_RELAXED);   /* statistics: kernels a helper worked on */
-        __atomic_fetch_add(&mb[TL_DONE], 1, __ATOMIC_RELEASE);
-        break;
-      }
-    }
+    tl_join(mb, s);
     last = tl_now_ns();
   }
+}
+
+/* The host thread waiting for a tinygrad queue (until *signal >= value) is a helper meanwhile, and the only one
+   on two cores: the step then runs on the queue's worker and this thread, with no third thread for the OS to
+   time-share with them (a descheduled helper holding a chunk stalls the whole kernel). Spins while kernels keep
+   coming, naps once idle for spin_ns; returns 1 at the signal, 0 when limit_ns passed first. */
+int tl_wait_helping(u64* mb, const volatile u64* signal, u64 value, u64 spin_ns, u64 limit_ns) {
+  u64 seen = ~0ull, start = tl_now_ns(), last = start;
+  while (__atomic_load_n(signal, __ATOMIC_ACQUIRE) < value) {
+    u64 s = __atomic_load_n(&mb[TL_SEQ], __ATOMIC_ACQUIRE);
+    if (s != seen) {   /* a kernel posted before this wait began is joined too, while its chunks last */
+      seen = s;
+      tl_join(mb, s);
+      last = tl_now_ns();
+      continue;
+    }
+    for (int i = 0; i < 32; i++) tl_pause();
+    u64 now = tl_now_ns();
+    if (now - start > limit_ns) return 0;
+    if (now - last > spin_ns) tl_nap(50000);
+  }
+  return 1;
 }
 """
 
@@ -106,7 +140,8 @@ class Pool:
   mailbox: Tensor            # uint64 [MAILBOX_WORDS], a tinygrad view of private memory
   memory: ctypes.Array       # keeps the mailbox memory alive
   address: int               # the mailbox's first word (64-byte aligned, inside `memory`)
-  helpers: list[threading.Thread]
+  helpers: list[threading.Thread]   # threads of their own
+  host_helps: bool           # a host thread waiting for the device is a helper too
 
   def kernels_joined(self) -> int:
     """How many kernel calls a helper has worked on so far (the helpers count them in the mailbox)."""
@@ -145,18 +180,37 @@ def _helper_library() -> ctypes.CDLL:
     os.replace(partial, path)
   lib = ctypes.CDLL(path)
   lib.tl_helper.argtypes, lib.tl_helper.restype = [ctypes.c_uint64, ctypes.c_uint64], None
+  lib.tl_wait_helping.argtypes, lib.tl_wait_helping.restype = [ctypes.c_uint64] * 5, ctypes.c_int
   return lib
 
 
+def _helping_wait(self, signal, value: int, timeout: int | None = None) -> None:
+  """Host-side wait for a CPU queue that works on posted kernels until the queue reaches `value` (replaces
+  tinygrad's HCQ2 wait, which spins in Python for the whole step and so takes the core a helper needs)."""
+  addr = getattr(signal, "addr", None)
+  if addr is None or getattr(signal, "fmt", "Q") != "Q": return _napping_wait(self, signal, value, timeout)
+  lib, mailbox = _helper_library(), self._tinyllama2_mailbox
+  start, limit = time.perf_counter(), (timeout or self.wait_timeout_ms) / 1000
+  while not lib.tl_wait_helping(mailbox, addr, value, config.spin_ns, 100_000_000):   # back to Python every 0.1 s
+    if time.perf_counter() - start > limit: self.on_device_hang()
+
+
 def _napping_wait(self, signal, value: int, timeout: int | None = None) -> None:
-  """Host-side wait for a CPU queue that spins only briefly, then sleeps: tinygrad's HCQ2 wait spins for the
-  whole step, and on two cores that spinning thread would take the core a helper needs."""
+  """A wait that spins only briefly, then sleeps (for signals _helping_wait cannot read)."""
   start = time.perf_counter()
   limit = (timeout or self.wait_timeout_ms) / 1000
   while signal[0] < value:
     waited = time.perf_counter() - start
     if waited > 200e-6: time.sleep(50e-6)
     if waited > limit: self.on_device_hang()
+
+
+def _host_helps() -> bool:
+  """Whether kernels run on tinygrad's queue worker while the host thread waits for them (HCQ2, as
+  tinyllama2/__init__.py sets it for CPU runs): then the waiting thread is a helper. Otherwise kernels run on
+  the calling thread itself and every helper is a thread of its own."""
+  from tinygrad.helpers import getenv
+  return bool(getenv("HCQ2"))
 
 
 @functools.cache
@@ -170,12 +224,16 @@ def pool(device: str) -> Pool | None:
   memory = (ctypes.c_uint64 * (MAILBOX_WORDS + 8))()
   address = (ctypes.addressof(memory) + 63) // 64 * 64
   mailbox = Tensor.from_blob(address, (MAILBOX_WORDS,), dtype=dtypes.uint64, device=device)
-  helpers = [threading.Thread(target=lib.tl_helper, args=(address, config.spin_ns), daemon=True, name=f"tinyllama2-cpu-{i}")
-             for i in range(1, config.threads)]
-  for h in helpers: h.start()
   dev = Device[device]
-  if hasattr(dev, "_wait_signal"): dev._wait_signal = types.MethodType(_napping_wait, dev)
-  return Pool(device, mailbox, memory, address, helpers)
+  host_helps = _host_helps() and hasattr(dev, "_wait_signal")
+  helpers = [threading.Thread(target=lib.tl_helper, args=(address, config.spin_ns), daemon=True, name=f"tinyllama2-cpu-{i}")
+             for i in range(1, config.threads - int(host_helps))]
+  for h in helpers: h.start()
+  if host_helps:
+    dev._tinyllama2_mailbox = address
+    dev._wait_signal = types.MethodType(_helping_wait, dev)
+  elif hasattr(dev, "_wait_signal"): dev._wait_signal = types.MethodType(_napping_wait, dev)
+  return Pool(device, mailbox, memory, address, helpers, host_helps)
 
 
 def parallel_rows(name: str, n_rows: int, rows_per_chunk: int, n_params: int, rows: str, prologue: str = "") -> str:
