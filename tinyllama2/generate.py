@@ -108,7 +108,7 @@ class Decoder:
     self._check_len(pos + 1)
     rt = self.model._runtime
     with Context(BEAM=self.beam):
-      return to_numpy(rt.decode_jit(rt.tok_var.bind(int(token)), rt.pos_var.bind(pos)))[0]
+      return to_numpy(rt.decode(int(token), pos))[0]
 
   # ---- batched rows (beam search, batches of prompts) -------------------------------------------------
   PAD_BIAS = -1e9   # finite, so a padding query (which sees only padding) still gets a finite softmax

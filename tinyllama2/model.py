@@ -19,6 +19,7 @@ from tinygrad.helpers import TRAINING  # noqa: E402
 from . import cpu_kernels, gpu_kernels  # noqa: E402
 from .config import ModelArgs  # noqa: E402
 from .fileio import release_mapped  # noqa: E402
+from .jit_replay import Replay  # noqa: E402
 from .rope import rope_tables  # noqa: E402
 
 
@@ -369,8 +370,8 @@ class Transformer:
 
 class _Runtime:
   """Per-model state that is not a parameter: RoPE tables, KV caches and the compiled decode step."""
-  __slots__ = ("model", "cos", "sin", "_caches", "decode_jit", "prefill_jits", "pos_var", "tok_var", "last_var",
-               "batch_jit", "reorder_jit")
+  __slots__ = ("model", "cos", "sin", "_caches", "decode_jit", "decode_replay", "prefill_jits", "pos_var", "tok_var",
+               "last_var", "batch_jit", "reorder_jit")
 
   def __init__(self, model: Transformer):
     a = model.args
@@ -379,6 +380,7 @@ class _Runtime:
     self.cos, self.sin = Tensor(cos, device=model.device).realize(), Tensor(sin, device=model.device).realize()
     self._caches: list[KVCache] | None = None
     self.decode_jit = TinyJit(lambda tok, pos: model.decode_step(tok, pos).realize())
+    self.decode_replay: Replay | None | bool = None   # False: the captured step is not one Replay handles
     self.batch_jit = TinyJit(lambda toks, pos, bias: model.decode_batch(toks, pos, bias).realize())
     self.reorder_jit = TinyJit(model.reorder_cache)
     self.prefill_jits: dict[int, TinyJit] = {}
@@ -391,8 +393,17 @@ class _Runtime:
       self.prefill_jits[length] = TinyJit(lambda toks, pos, last: self.model.prefill_last(toks, pos, last).realize())
     return self.prefill_jits[length]
 
+  def decode(self, token: int, pos: int) -> Tensor:
+    """Logits [1, vocab] of `token` at position `pos`: the compiled decode step, replayed through `Replay` once
+    captured where it can be (less host Python per token)."""
+    if self.decode_replay is None and self.decode_jit.captured is not None:
+      self.decode_replay = Replay.of(self.decode_jit, (self.tok_var, self.pos_var)) or False
+    if self.decode_replay: return self.decode_replay(token, pos)
+    return self.decode_jit(self.tok_var.bind(token), self.pos_var.bind(pos))
+
   def reset_jits(self) -> None:
     self.decode_jit.reset()
+    self.decode_replay = None
     self.batch_jit.reset()
     self.reorder_jit.reset()
     self.prefill_jits.clear()
