@@ -184,18 +184,16 @@ def _run(name: str, declarations: str, rows: str, n_out: int, row_bytes: float, 
   n_rows = n_rows or n_out
   threads = cpu_threads.config.threads
   chunk = -(-_rows_per_chunk(n_rows, row_bytes, threads) // chunk_multiple) * chunk_multiple
-  inputs = [x.reshape(-1).float(), *[w.reshape(-1) for w in weights]]
-  setup = "const float* restrict tl_x = tl_in;\n"
-  if extra is not None:
-    declarations, setup = declarations + extra.declarations, extra.setup
-    inputs += extra.inputs
-  return _launch(name, declarations, rows, n_out, inputs, n_rows, chunk, setup + prologue)
+  extra = extra or _Extras(0, 0, None, None)
+  inputs = [x.reshape(-1).float(), *[w.reshape(-1) for w in weights], *extra.inputs]
+  return _launch(name, declarations + extra.declarations, rows, n_out, inputs, n_rows, chunk, extra.setup + prologue)
 
 
 class _Extras:
   """What a matrix-vector kernel may fuse around its product, as C and inputs: RMSNorm of x before it (norm =
   (weight, eps); every thread normalizes its own copy of x, a few microseconds) and a residual added to each
-  output (out[n] = residual[n] + row n · x). Saves the norm's two kernels and the add's one per use."""
+  output (out[n] = residual[n] + row n · x). Saves the norm's two kernels and the add's one per use. Without
+  either, tl_x is x itself."""
 
   def __init__(self, first_param: int, K: int, norm: tuple[Tensor, float] | None, residual: Tensor | None):
     self.declarations, self.inputs, self.store = "", [], "{value}"
@@ -223,10 +221,6 @@ const float* restrict tl_x = tl_xn;
       self.store = "tl_res[n] + {value}"
 
 
-def _extras(first_param: int, K: int, norm: tuple[Tensor, float] | None, residual: Tensor | None) -> _Extras | None:
-  return None if norm is None and residual is None else _Extras(first_param, K, norm, residual)
-
-
 def _launch(name: str, declarations: str, rows: str, n_out: int, inputs: list[Tensor], n_rows: int, rows_per_chunk: int,
             prologue: str = "") -> Tensor:
   """A custom kernel: {0} is its float32 output [n_out], {1}.. the inputs; `rows` computes rows [tl_lo, tl_hi), which
@@ -245,7 +239,7 @@ def _launch(name: str, declarations: str, rows: str, n_out: int, inputs: list[Te
 
 
 def _dense_declarations(weights: list[Tensor]) -> str:
-  """Typed pointers tl_w0, tl_w1, ... to the dense weights {2}, {3}, ... and x as tl_x."""
+  """Typed pointers tl_w0, tl_w1, ... to the dense weights {2}, {3}, ... and x as tl_in."""
   wt = _WEIGHT_C_TYPE[weights[0].dtype]
   ptrs = "".join(f"const {wt}* restrict tl_w{i} = (const {wt}*){{{i + 2}}};\n" for i in range(len(weights)))
   return ptrs + "const float* restrict tl_in = (const float*){1};\n"
@@ -269,13 +263,12 @@ def matvec_concat(x: Tensor, weights: list[Tensor], name: str | None = None, nor
   """[x @ w.T for w in weights] concatenated, in one kernel (the q, k and v projections of a layer); with
   norm = (weight, eps), x is RMS-normalized first, and a residual [sum of N] is added to the output."""
   K, wt, load8 = weights[0].shape[1], _WEIGHT_C_TYPE[weights[0].dtype], _LOAD8[weights[0].dtype]
-  extra = _extras(2 + len(weights), K, norm, residual)
-  store = extra.store if extra else "{value}"
+  extra = _Extras(2 + len(weights), K, norm, residual)
   rows, offset = "", 0
   for i, w in enumerate(weights):   # output rows [offset, offset + N) come from weight i
     N = w.shape[0]
     rows += f"for (int n = (tl_lo > {offset} ? tl_lo : {offset}); n < (tl_hi < {offset + N} ? tl_hi : {offset + N}); n++) {{\n" \
-            f"  {_dot_row(f'tl_w{i} + (long)(n - {offset}) * {K}', wt, K, load8, 's')}  {{0}}[n] = {store.format(value='s')};\n}}\n"
+            f"  {_dot_row(f'tl_w{i} + (long)(n - {offset}) * {K}', wt, K, load8, 's')}  {{0}}[n] = {extra.store.format(value='s')};\n}}\n"
     offset += N
   name = _fused_name(name or f"matvec{len(weights)}_{_kind(weights[0])}_{offset}_{K}", norm, residual)
   return _run(name, _dense_declarations(weights), rows, offset, K * weights[0].dtype.itemsize, x, *weights, extra=extra)
@@ -289,11 +282,11 @@ def matvec_swiglu(x: Tensor, gate: Tensor, up: Tensor, norm: tuple[Tensor, float
          f"  {_dot_row(f'tl_w1 + (long)n * {K}', wt, K, load8, 'u')}" \
          f"  {{0}}[n] = g / (1.0f + TL_EXPF(-g)) * u;\n}}\n"
   return _run(_fused_name(f"swiglu_{_kind(gate)}_{N}_{K}", norm, None), _dense_declarations([gate, up]), rows, N,
-              2 * K * gate.dtype.itemsize, x, gate, up, extra=_extras(4, K, norm, None))
+              2 * K * gate.dtype.itemsize, x, gate, up, extra=_Extras(4, K, norm, None))
 
 
 def _block_declarations(kind: str, n_layers: int) -> str:
-  """Typed pointers tl_q0, tl_d0, tl_q1, ... to the packed bytes and fp16 scales {2}, {3}, {4}, ... and x as tl_x."""
+  """Typed pointers tl_q0, tl_d0, tl_q1, ... to the packed bytes and fp16 scales {2}, {3}, {4}, ... and x as tl_in."""
   qt = _C_TYPE[kind]
   ptrs = "".join(f"const {qt}* restrict tl_q{i} = (const {qt}*){{{2 + 2 * i}}};\n"
                  f"const __fp16* restrict tl_d{i} = (const __fp16*){{{3 + 2 * i}}};\n" for i in range(n_layers))
@@ -306,12 +299,11 @@ def matvec_blocks(kind: str, x: Tensor, layers: list[tuple[Tensor, Tensor]], nor
   [N, K/32]) → float32 [sum of N], their outputs one after another, in one kernel: x is rounded to Q8_0 blocks
   once for all of them (the q, k and v projections of a layer). norm and residual as in `matvec_concat`."""
   NB, rows, offset = layers[0][1].shape[1], "", 0
-  extra = _extras(2 + 2 * len(layers), NB * QBLOCK, norm, residual)
-  store = extra.store if extra else "{value}"
+  extra = _Extras(2 + 2 * len(layers), NB * QBLOCK, norm, residual)
   for i, (_, scale) in enumerate(layers):   # output rows [offset, offset + N) come from layer i
     N = scale.shape[0]
     rows += f"for (int n = (tl_lo > {offset} ? tl_lo : {offset}); n < (tl_hi < {offset + N} ? tl_hi : {offset + N}); n++) {{\n" \
-            f"  {_block_row_dot(kind, i, f'n - {offset}', NB, 's')}  {{0}}[n] = {store.format(value='s')};\n}}\n"
+            f"  {_block_row_dot(kind, i, f'n - {offset}', NB, 's')}  {{0}}[n] = {extra.store.format(value='s')};\n}}\n"
     offset += N
   fill = {"K": NB * QBLOCK, "NB": NB}
   name = _fused_name(f"matvec{len(layers) if len(layers) > 1 else ''}_{kind}_{offset}_{NB * QBLOCK}", norm, residual)
@@ -329,7 +321,7 @@ def matvec_blocks_swiglu(kind: str, x: Tensor, gate: tuple[Tensor, Tensor], up: 
   fill = {"K": NB * QBLOCK, "NB": NB}
   return _run(_fused_name(f"swiglu_{kind}_{N}_{NB * QBLOCK}", norm, None), _block_declarations(kind, 2), rows, N,
               2 * NB * QBLOCK * BYTES_PER_WEIGHT[kind], x, *gate, *up, prologue=_QUANTIZE_X % fill,
-              extra=_extras(6, NB * QBLOCK, norm, None))
+              extra=_Extras(6, NB * QBLOCK, norm, None))
 
 
 def matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
