@@ -303,7 +303,7 @@ def test_fused_decode_step_matches_the_layer_by_layer_graph(dtype, mode):
     m = Transformer(args, max_seq_len=24, dtype=dtype, device=DEV)
     m.init_random(seed=1, std=0.2)
     if mode: quantize_model(m, mode)
-    if not fused: m._decode_step_cpu = lambda x, pos: None
+    if not fused: m._decode_step_fused = lambda x, pos: None
     rt, logits = m._runtime, []
     m.prefill(Tensor([[3, 17, 42]], device=DEV), 0).realize()
     for i, tok in enumerate([5, 9, 11, 12]):

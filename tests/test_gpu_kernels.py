@@ -132,19 +132,98 @@ def test_fused_block_kernels(mode):
                              rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("quantize", [None, "int4"])   # int8's fused kernels share everything but the byte decoding
-def test_decode_steps_match_the_generic_prefill(quantize):
-  """A model whose every decode kernel is one of these (dims that split) gives, token by token, the logits that
-  tinygrad's generic kernels give for the whole sequence in one prefill."""
-  from tinyllama2 import Llama, ModelArgs, Transformer
+@pytest.mark.parametrize("weights", ["f16", "int8", "int4"])   # f32 weights: the fused decode step test below
+def test_norm_and_residual_fused_into_the_products(weights):
+  """RMSNorm before (its sum of squares in the products' own loop) and a residual after: q/k/v-like stacked rows
+  with norm and residual, gate/up/SwiGLU with norm, for the float32 activations of the fused decode step; against
+  numpy in float64."""
+  dev, rng = _device(), np.random.default_rng(5)
+  K, eps = 512, 1e-5
+  x, nw, res = rng.standard_normal(K), 1 + 0.5 * rng.standard_normal(K), rng.standard_normal(96)
+  xt, norm = Tensor(x.astype(np.float32), device=dev).reshape(1, 1, K), (Tensor(nw.astype(np.float32), device=dev), eps)
+  xn = x / np.sqrt((x ** 2).mean() + eps) * nw
+  mats = [rng.standard_normal((n, K)).astype(np.float32) for n in (64, 32, 96, 96)]
+  residual = Tensor(res.astype(np.float32), device=dev)
+  if weights == "f16":
+    ref = [m.astype(np.float16).astype(np.float64) for m in mats]
+    ws = [Tensor(m.astype(np.float16), device=dev) for m in mats]
+    rows = gpu_kernels.matvec_concat(xt, ws[:2], norm=norm, residual=residual)
+    gated = gpu_kernels.matvec_swiglu(xt, *ws[2:], norm=norm)
+  else:
+    qs = [QuantLinear.from_float(Tensor(m, device=dev), weights) for m in mats]
+    ref = [_np_dequant(q).astype(np.float64) for q in qs]
+    rows = gpu_kernels.matvec_blocks(qs[0].block_kind, xt, [(q.packed, q.scale) for q in qs[:2]], norm=norm, residual=residual)
+    gated = gpu_kernels.matvec_blocks_swiglu(qs[0].block_kind, xt, *[(q.packed, q.scale) for q in qs[2:]], norm=norm)
+  g = ref[2] @ xn
+  tol = dict(rtol=1e-4, atol=1e-3)   # float32 sums of 512 products of size ~1-25
+  np.testing.assert_allclose(rows.numpy().reshape(-1), np.concatenate(ref[:2]) @ xn + res, **tol)
+  np.testing.assert_allclose(gated.numpy().reshape(-1), g / (1 + np.exp(-g)) * (ref[3] @ xn), **tol)
+
+
+@pytest.mark.parametrize("dtype", [dtypes.float32, dtypes.float16])
+def test_decode_attention_rotates_attends_and_writes_the_cache(dtype):
+  """gpu_kernels.decode_attention at positions 0..9 of one compiled graph: RoPE of q and the new k (numpy's
+  rotation of interleaved pairs), GQA attention over the cache and the new row, and exactly that row written
+  into the k and v caches (the new key rotated, rounded to the cache dtype)."""
+  from tinygrad import TinyJit, Variable
+  from tinyllama2.rope import rope_tables
+  dev, rng = _device(), np.random.default_rng(9)
+  H, KV, D, max_len = 8, 2, 32, 24
+  npd = np.float16 if dtype == dtypes.float16 else np.float32
+  cos, sin = rope_tables(D, 10000.0, None, max_len, max_len)
+  cos_t, sin_t = Tensor(cos, device=dev).realize(), Tensor(sin, device=dev).realize()
+  ck, cv = (Tensor(np.zeros((1, KV, max_len, D), npd), device=dev).contiguous().realize() for _ in range(2))
+  pos_var = Variable("start_pos", 0, max_len - 1)
+  def step(qkv: Tensor, pos) -> Tensor:
+    position = Tensor.full((1,), pos, dtype=dtypes.int32, device=dev).contiguous()
+    return gpu_kernels.decode_attention(qkv, ck, cv, cos_t, sin_t, pos, H, position).realize()
+  jit = TinyJit(step)
+  def rope(a: np.ndarray, p: int) -> np.ndarray:
+    out = np.empty_like(a)
+    out[..., 0::2] = a[..., 0::2] * cos[p] - a[..., 1::2] * sin[p]
+    out[..., 1::2] = a[..., 0::2] * sin[p] + a[..., 1::2] * cos[p]
+    return out
+  keys, values = np.zeros((KV, max_len, D)), np.zeros((KV, max_len, D))
+  for pos in range(10):
+    qkv = rng.standard_normal((H + 2 * KV) * D).astype(npd)
+    got = jit(Tensor(qkv, device=dev).realize(), pos_var.bind(pos)).numpy().reshape(H, D)
+    q = rope(qkv[:H * D].astype(np.float64).reshape(H, D), pos)
+    keys[:, pos] = rope(qkv[H * D:(H + KV) * D].astype(np.float64).reshape(KV, D), pos).astype(npd)
+    values[:, pos] = qkv[(H + KV) * D:].reshape(KV, D)
+    kh, vh = np.repeat(keys[:, :pos + 1], H // KV, 0), np.repeat(values[:, :pos + 1], H // KV, 0)
+    scores = np.einsum("hd,hsd->hs", q, kh) / np.sqrt(D)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("hs,hsd->hd", p / p.sum(-1, keepdims=True), vh)
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == dtypes.float16 else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, want, **tol, err_msg=f"position {pos}")
+    np.testing.assert_allclose(ck.numpy()[0].astype(np.float64), keys, rtol=1e-3, atol=1e-6, err_msg=f"k cache at {pos}")
+    np.testing.assert_array_equal(cv.numpy()[0].astype(np.float64), values, err_msg=f"v cache at {pos}")
+
+
+@pytest.mark.parametrize("dtype,mode", [(dtypes.float32, None), (dtypes.float32, "int8")])   # fp16, int4: kernel tests above
+def test_fused_decode_step_matches_the_layer_by_layer_graph(dtype, mode):
+  """decode_step through the fused GPU kernels (6 per layer + 3: norm + q/k/v, RoPE + attention scores, softmax +
+  values + cache write, wo + residual, norm + gate/up/SwiGLU, w2 + residual) gives the logits and the KV cache of
+  tinygrad's layer-by-layer graph for the same model."""
+  from tinyllama2 import ModelArgs, Transformer
+  from tinyllama2.benchmark import _kernels_per_decode_step
   from tinyllama2.quantize import quantize_model
   dev = _device()
-  args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=96, hidden_dim=512, max_position_embeddings=32)
-  model = Transformer(args, device=dev)
-  model.init_random(seed=3, std=0.2)
-  if quantize: quantize_model(model, quantize)
-  llm, tokens = Llama(model, None), [1, 17, 42, 5, 77]
-  full = llm.logits(tokens)
-  dec = llm.decoder
-  steps = [dec.prefill(tokens[:1])] + [dec.step(t, pos) for pos, t in enumerate(tokens[1:], start=1)]
-  np.testing.assert_allclose(np.stack(steps), full, rtol=1e-3, atol=1e-3)
+  def run(fused: bool):
+    args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=96, hidden_dim=512)
+    m = Transformer(args, max_seq_len=24, dtype=dtype, device=dev)
+    m.init_random(seed=1, std=0.2)
+    if mode: quantize_model(m, mode)
+    if not fused: m._decode_step_fused = lambda x, pos: None
+    rt, logits = m._runtime, []
+    m.prefill(Tensor([[3, 17, 42]], device=dev), 0).realize()
+    for i, tok in enumerate([5, 9, 11, 12]):
+      logits.append(rt.decode_jit(rt.tok_var.bind(tok), rt.pos_var.bind(3 + i)).numpy())
+    caches = [c.k.float().numpy() for c in rt.caches(1)] + [c.v.float().numpy() for c in rt.caches(1)]
+    return np.concatenate(logits), caches, _kernels_per_decode_step(m, 13, 7)
+  fused, generic = run(True), run(False)
+  tol = dict(rtol=2e-2, atol=2e-2) if dtype == dtypes.float16 else dict(rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(fused[0], generic[0], **tol)
+  for a, b in zip(fused[1], generic[1]): np.testing.assert_allclose(a, b, **tol)
+  assert np.abs(fused[0]).max() > 1   # real logits, not zeros
+  assert fused[2] == 6 * 2 + 3 < generic[2], (fused[2], generic[2])

@@ -102,16 +102,64 @@ def usable(x: Tensor, weight: Tensor) -> bool:
     and available(weight.device)
 
 
-def _launch(name: str, n_out: int, dtype: DType, inputs: list[Tensor], body, opts: tuple[Opt, ...]) -> Tensor:
-  """A custom kernel computing y[i] for i < n_out: body(i, *input placeholders) gives its value (float32)."""
+class _Row:
+  """The input row x of a matrix-vector kernel as its body reads it, with what the kernel fuses around the product:
+  RMSNorm of x before it (norm = (weight, eps)) and a residual added to each output. Every work group computes
+  the sum of squares of x again, in the loop that reads x for its products, so the norm costs no kernel of its own
+  and no pass of its own (x is a few KB, read from cache); a fused add saves a kernel per residual."""
+
+  def __init__(self, x: Tensor, norm: tuple[Tensor, float] | None, residual: Tensor | None):
+    self.K, self.norm, self.residual = x.shape[-1], norm, residual
+    self.inputs = [x.reshape(self.K)] + ([norm[0]] if norm else []) + ([residual.reshape(-1)] if residual is not None else [])
+
+  def bind(self, params: tuple[UOp, ...]) -> tuple[UOp, ...]:
+    """Take this row's kernel parameters from the front of `params`; returns the rest (the weights)."""
+    self.xp, params = params[0], params[1:]
+    if self.norm: self.nwp, params = params[0], params[1:]
+    if self.residual is not None: self.rp, params = params[0], params[1:]
+    return params
+
+  def at(self, k: UOp) -> UOp:
+    """x[k] as the product reads it: times the norm weight when normalized (the 1/rms factor comes in `finish`)."""
+    v = self.xp[k].cast(dtypes.float)
+    return v * self.nwp[k].cast(dtypes.float) if self.norm else v
+
+  def inv_rms(self, squares: UOp) -> UOp | None:
+    """1/rms(x) from the sum of x² over the kernel's reduce ranges (`squares`), None without a norm."""
+    return ((squares * (1.0 / self.K) + float(self.norm[1])).rsqrt()) if self.norm else None
+
+  def square(self, k: UOp) -> UOp:
+    v = self.xp[k].cast(dtypes.float)
+    return v * v
+
+  def finish(self, i: UOp, value: UOp) -> UOp:
+    return value + self.rp[i].cast(dtypes.float) if self.residual is not None else value
+
+  def name(self, name: str) -> str:
+    """Kernel names say what is fused in (norm_ before, _res after), so a profile tells the variants apart."""
+    return ("norm_" if self.norm else "") + name + ("_res" if self.residual is not None else "")
+
+
+def _launch(name: str, n_out: int, row: _Row, weights: list[Tensor], body, opts: tuple[Opt, ...]) -> Tensor:
+  """A custom kernel computing y[i] for i < n_out in x's dtype: body(i, *weight placeholders) gives the product's
+  value (float32), which `row` completes with its residual."""
+  x = row.inputs[0]
   def kernel(y: UOp, *params: UOp) -> UOp:
+    weight_params = row.bind(params)
     i = UOp.range(n_out, 0)
-    return y[i].store(body(i, *params).cast(dtype)).end(i).sink(arg=KernelInfo(name=name, opts_to_apply=opts))
-  return Tensor.empty(n_out, dtype=dtype, device=inputs[0].device).custom_kernel(*inputs, fxn=kernel)[0]
+    value = row.finish(i, body(i, *weight_params))
+    return y[i].store(value.cast(x.dtype)).end(i).sink(arg=KernelInfo(name=row.name(name), opts_to_apply=opts))
+  return Tensor.empty(n_out, dtype=x.dtype, device=x.device).custom_kernel(*row.inputs, *weights, fxn=kernel)[0]
 
 
-def _row_dot(x: UOp, w: UOp, i: UOp, k: UOp) -> UOp:
-  return (x[k].cast(dtypes.float) * w[i, k].cast(dtypes.float)).reduce(k, arg=Ops.ADD)
+def _row_dot(row: _Row, w: UOp, i: UOp, k: UOp) -> UOp:
+  return (row.at(k) * w[i, k].cast(dtypes.float)).reduce(k, arg=Ops.ADD)
+
+
+def _normalized(row: _Row, k: UOp, *dots: UOp) -> tuple[UOp, ...]:
+  """The dots times 1/rms(x) when the row is normalized (x² summed over the same range k as the dots: one loop)."""
+  inv = row.inv_rms(row.square(k).reduce(k, arg=Ops.ADD))
+  return dots if inv is None else tuple(d * inv for d in dots)
 
 
 def _unroll(dtype: DType) -> int: return LOAD_BYTES // dtype.itemsize
@@ -131,31 +179,34 @@ def _masked_rows(i: UOp, sizes: list[int]):
     start += n
 
 
-def matvec_concat(x: Tensor, weights: list[Tensor]) -> Tensor | None:
+def matvec_concat(x: Tensor, weights: list[Tensor], norm: tuple[Tensor, float] | None = None,
+                  residual: Tensor | None = None) -> Tensor | None:
   """x (one row) @ [W0; W1; ...].T in one kernel (the q, k and v projections of a token): row i reads only the
-  matrix that holds it."""
+  matrix that holds it. With norm = (weight, eps), x is RMS-normalized first; a residual [N] is added to the output."""
   sizes, K = [w.shape[0] for w in weights], weights[0].shape[1]
   N = sum(sizes)
   opts = _schedules["dense"].opts(N, K, _unroll(weights[0].dtype))
   if opts is None or any(w.shape[1] != K or w.dtype != weights[0].dtype for w in weights): return None
-  def body(i: UOp, xp: UOp, *wps: UOp) -> UOp:
+  row = _Row(x, norm, residual)
+  def body(i: UOp, *wps: UOp) -> UOp:
     k = UOp.range(K, 1, AxisType.REDUCE)
-    w_ik = functools.reduce(UOp.__add__, [wp[row, k].cast(dtypes.float) for wp, row in zip(wps, _masked_rows(i, sizes))])
-    return (xp[k].cast(dtypes.float) * w_ik).reduce(k, arg=Ops.ADD)
+    w_ik = functools.reduce(UOp.__add__, [wp[r, k].cast(dtypes.float) for wp, r in zip(wps, _masked_rows(i, sizes))])
+    return _normalized(row, k, (row.at(k) * w_ik).reduce(k, arg=Ops.ADD))[0]
   name = f"gpu_matvec{len(weights) if len(weights) > 1 else ''}_{N}_{K}"
-  y = _launch(name, N, x.dtype, [x.reshape(K), *weights], body, opts)
-  return y.reshape(*x.shape[:-1], N)
+  return _launch(name, N, row, weights, body, opts).reshape(*x.shape[:-1], N)
 
 
-def matvec_swiglu(x: Tensor, gate: Tensor, up: Tensor) -> Tensor | None:
-  """silu(x @ gate.T) * (x @ up.T) for one row x in one kernel that reads both matrices once."""
+def matvec_swiglu(x: Tensor, gate: Tensor, up: Tensor, norm: tuple[Tensor, float] | None = None) -> Tensor | None:
+  """silu(x @ gate.T) * (x @ up.T) for one row x in one kernel that reads both matrices once (x RMS-normalized
+  first with norm = (weight, eps))."""
   N, K = gate.shape
   if (opts := _schedules["dense"].opts(N, K, _unroll(gate.dtype))) is None: return None
-  def body(i: UOp, xp: UOp, gp: UOp, up_: UOp) -> UOp:
-    k = UOp.range(K, 1, AxisType.REDUCE)   # one range for both sums: the optimizations apply to both
-    return _silu(_row_dot(xp, gp, i, k)) * _row_dot(xp, up_, i, k)
-  y = _launch(f"gpu_matvec_swiglu_{N}_{K}", N, x.dtype, [x.reshape(K), gate, up], body, opts)
-  return y.reshape(*x.shape[:-1], N)
+  row = _Row(x, norm, None)
+  def body(i: UOp, gp: UOp, up_: UOp) -> UOp:
+    k = UOp.range(K, 1, AxisType.REDUCE)   # one range for all sums: the optimizations apply to each
+    g, u = _normalized(row, k, _row_dot(row, gp, i, k), _row_dot(row, up_, i, k))
+    return _silu(g) * u
+  return _launch(f"gpu_matvec_swiglu_{N}_{K}", N, row, [gate, up], body, opts).reshape(*x.shape[:-1], N)
 
 
 def _as_words(packed: UOp) -> UOp:
@@ -166,44 +217,61 @@ def _as_words(packed: UOp) -> UOp:
   return UOp.placeholder((N, row_bytes // 4), dtypes.int32, slot=packed.base.arg.slot)
 
 
-def _blocks_opts(n_out: int, n_blocks: int, words_per_block: int) -> tuple[Opt, ...] | None:
+def _blocks_opts(n_out: int, n_blocks: int, words_per_block: int, whole_blocks: bool) -> tuple[Opt, ...] | None:
   """Optimizations for a reduction over (block, word of the block, byte of the word): the bytes and up to four words
-  (16 bytes) are unrolled into one load, threads of a work group take consecutive blocks."""
-  unroll_words = _largest_divisor(words_per_block, LOAD_BYTES // 4)
+  (16 bytes) are unrolled into one load, threads of a work group take consecutive blocks. whole_blocks: all words of
+  a block unrolled (Q8_0: two 16-byte loads), which a kernel with the norm's sum of squares needs: with a loop over
+  words left, tinygrad 0.14's linearizer fails (an assertion in CFGContext) on the second reduction over it."""
+  unroll_words = _largest_divisor(words_per_block, words_per_block if whole_blocks else LOAD_BYTES // 4)
   opts = _schedules["blocks"].opts(n_out, n_blocks, 1)
   if opts is None: return None
   return (Opt(OptOps.UNROLL, 2, 4), Opt(OptOps.UNROLL, 1, unroll_words)) + opts[1:]
 
 
-def _block_term(kind: str, xp: UOp, qp: UOp, sp: UOp, row: UOp, *, b: UOp, w: UOp, c: UOp) -> UOp:
-  """scale[row, b] × (block b of weight row `row` · the matching 32 values of x), summed over the block's words w
-  and bytes c. Q8_0: one signed byte per value. Q4_0: byte j of a block holds value j (low nibble) and j + 16."""
+def _block_index(b: UOp, w: UOp, c: UOp) -> UOp:
+  """Index into x of byte c of word w of block b (Q4_0: the low nibble's value; the high nibble's is 16 further)."""
+  return b * QBLOCK + w * 4 + c
+
+
+def _block_term(kind: str, row: _Row, qp: UOp, sp: UOp, r: UOp, *, b: UOp, w: UOp, c: UOp) -> UOp:
+  """scale[r, b] × (block b of weight row r · the matching 32 values of x), summed over the block's words w and
+  bytes c. Q8_0: one signed byte per value. Q4_0: byte j of a block holds value j (low nibble) and j + 16."""
   wpb = qp.shape[-1] // 4
-  word = _as_words(qp)[row, b * wpb + w]
-  j = b * QBLOCK + w * 4 + c
+  word = _as_words(qp)[r, b * wpb + w]
+  j = _block_index(b, w, c)
   if kind == "q8_0":
     q = (word >> (c * 8)).cast(dtypes.int8).cast(dtypes.float)   # the byte as a signed value (one PRMT/I2F)
-    dot = xp[j].cast(dtypes.float) * q
+    dot = row.at(j) * q
   else:
     v = (word >> (c * 8)) & 255
     lo, hi = ((v & 15) - 8).cast(dtypes.float), ((v >> 4) - 8).cast(dtypes.float)
-    dot = xp[j].cast(dtypes.float) * lo + xp[j + QBLOCK // 2].cast(dtypes.float) * hi
-  return dot.reduce(w, c, arg=Ops.ADD) * sp[row, b].cast(dtypes.float)
+    dot = row.at(j) * lo + row.at(j + QBLOCK // 2) * hi
+  return dot.reduce(w, c, arg=Ops.ADD) * sp[r, b].cast(dtypes.float)
 
 
-def _blocks(kind: str, name: str, x: Tensor, layers: list[tuple[Tensor, Tensor]], combine) -> Tensor | None:
+def _block_squares(kind: str, row: _Row, wpb: int, *, b: UOp, w: UOp, c: UOp) -> UOp:
+  """The sum of x² over the same (block, word, byte) ranges as the products, so one loop computes both."""
+  j = _block_index(b, w, c)
+  sq = row.square(j) if kind == "q8_0" else row.square(j) + row.square(j + QBLOCK // 2)
+  return sq.reduce(w, c, arg=Ops.ADD).reduce(b, arg=Ops.ADD)
+
+
+def _blocks(kind: str, name: str, x: Tensor, layers: list[tuple[Tensor, Tensor]], combine,
+            norm: tuple[Tensor, float] | None = None, residual: Tensor | None = None) -> Tensor | None:
   """A kernel over the rows of several Q8_0/Q4_0 matrices (packed [N, K/32, bytes per block], scale [N, K/32]) of
-  the same K: combine(row, terms) gets each matrix's block terms for output row `row` and returns its value."""
+  the same K: combine(i, terms, b, scale) gets each matrix's block terms for output row i and returns its value,
+  applying scale (the norm's 1/rms) to each sum before anything nonlinear."""
   nb, wpb = layers[0][0].shape[1], layers[0][0].shape[2] // 4
   if any(p.shape[1:] != layers[0][0].shape[1:] for p, _ in layers): return None
   K, N = nb * QBLOCK, combine.n_out
-  if (opts := _blocks_opts(N, nb, wpb)) is None: return None
-  def body(i: UOp, xp: UOp, *params: UOp) -> UOp:
+  if (opts := _blocks_opts(N, nb, wpb, whole_blocks=norm is not None)) is None: return None
+  row = _Row(x, norm, residual)
+  def body(i: UOp, *params: UOp) -> UOp:
     b, w, c = UOp.range(nb, 1, AxisType.REDUCE), UOp.range(wpb, 2, AxisType.REDUCE), UOp.range(4, 3, AxisType.REDUCE)
-    terms = [functools.partial(_block_term, kind, xp, qp, sp, b=b, w=w, c=c) for qp, sp in zip(params[::2], params[1::2])]
-    return combine(i, terms, b)
-  inputs = [x.reshape(K)] + [t for layer in layers for t in layer]
-  y = _launch(f"gpu_{name}_{kind}_{N}_{K}", N, x.dtype, inputs, body, opts)
+    terms = [functools.partial(_block_term, kind, row, qp, sp, b=b, w=w, c=c) for qp, sp in zip(params[::2], params[1::2])]
+    inv = row.inv_rms(_block_squares(kind, row, wpb, b=b, w=w, c=c)) if norm else None
+    return combine(i, terms, b, (lambda v: v) if inv is None else (lambda v: v * inv))
+  y = _launch(f"gpu_{name}_{kind}_{N}_{K}", N, row, [t for layer in layers for t in layer], body, opts)
   return y.reshape(*x.shape[:-1], N)
 
 
@@ -211,31 +279,36 @@ class _Rows:
   """combine for `_blocks`: output rows are the rows of the matrices one after another (q, k and v in one kernel)."""
   def __init__(self, sizes: list[int]): self.sizes, self.n_out = sizes, sum(sizes)
 
-  def __call__(self, i: UOp, terms, b: UOp) -> UOp:
-    return functools.reduce(UOp.__add__, [term(row) for term, row in zip(terms, _masked_rows(i, self.sizes))]) \
-      .reduce(b, arg=Ops.ADD)
+  def __call__(self, i: UOp, terms, b: UOp, scale) -> UOp:
+    return scale(functools.reduce(UOp.__add__, [term(r) for term, r in zip(terms, _masked_rows(i, self.sizes))])
+                 .reduce(b, arg=Ops.ADD))
 
 
 class _SwiGLU:
   """combine for `_blocks`: silu(gate row i · x) × (up row i · x)."""
   def __init__(self, n: int): self.n_out = n
 
-  def __call__(self, i: UOp, terms, b: UOp) -> UOp:
-    g, u = (term(i).reduce(b, arg=Ops.ADD) for term in terms)
+  def __call__(self, i: UOp, terms, b: UOp, scale) -> UOp:
+    g, u = (scale(term(i).reduce(b, arg=Ops.ADD)) for term in terms)
     return _silu(g) * u
 
 
 def _silu(g: UOp) -> UOp: return g * (1.0 / (1.0 + (g * -1.4426950408889634).exp2()))
 
 
-def matvec_blocks(kind: str, x: Tensor, layers: list[tuple[Tensor, Tensor]]) -> Tensor | None:
-  """One row x @ [dequant(W0); dequant(W1); ...].T for Q8_0 ("q8_0") or Q4_0 ("q4_0") layers (packed, scale)."""
-  return _blocks(kind, f"matvec{len(layers) if len(layers) > 1 else ''}", x, layers, _Rows([p.shape[0] for p, _ in layers]))
+def matvec_blocks(kind: str, x: Tensor, layers: list[tuple[Tensor, Tensor]], norm: tuple[Tensor, float] | None = None,
+                  residual: Tensor | None = None) -> Tensor | None:
+  """One row x @ [dequant(W0); dequant(W1); ...].T for Q8_0 ("q8_0") or Q4_0 ("q4_0") layers (packed, scale);
+  norm and residual as in `matvec_concat`."""
+  return _blocks(kind, f"matvec{len(layers) if len(layers) > 1 else ''}", x, layers, _Rows([p.shape[0] for p, _ in layers]),
+                 norm, residual)
 
 
-def matvec_blocks_swiglu(kind: str, x: Tensor, gate: tuple[Tensor, Tensor], up: tuple[Tensor, Tensor]) -> Tensor | None:
-  """silu(x @ dequant(gate).T) * (x @ dequant(up).T) for one row x, both matrices read once."""
-  return _blocks(kind, "matvec_swiglu", x, [gate, up], _SwiGLU(gate[0].shape[0]))
+def matvec_blocks_swiglu(kind: str, x: Tensor, gate: tuple[Tensor, Tensor], up: tuple[Tensor, Tensor],
+                         norm: tuple[Tensor, float] | None = None) -> Tensor | None:
+  """silu(x @ dequant(gate).T) * (x @ dequant(up).T) for one row x, both matrices read once (x RMS-normalized
+  first with norm = (weight, eps))."""
+  return _blocks(kind, "matvec_swiglu", x, [gate, up], _SwiGLU(gate[0].shape[0]), norm)
 
 
 def matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor | None:
@@ -300,3 +373,67 @@ def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp)
   scores = Tensor.empty(H, max_len, dtype=dtypes.float32, device=q.device).custom_kernel(q, cache_k, fxn=scores_kernel)[0]
   out = Tensor.empty(H, D, dtype=q.dtype, device=q.device).custom_kernel(scores, cache_v, fxn=values_kernel)[0]
   return out.reshape(1, 1, H, D)
+
+
+def _rotated_pair(src: UOp, base: int | UOp, i: UOp, cos: UOp, sin: UOp, pos: int | UOp) -> tuple[UOp, UOp]:
+  """Pair i of the D values at src[base:] (elements 2i, 2i+1) rotated by RoPE at `pos`, float32."""
+  x0, x1 = src[base + 2 * i].cast(dtypes.float), src[base + 2 * i + 1].cast(dtypes.float)
+  c, s = cos[pos, i].cast(dtypes.float), sin[pos, i].cast(dtypes.float)
+  return x0 * c - x1 * s, x0 * s + x1 * c
+
+
+def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp,
+                     n_heads: int, position: Tensor) -> Tensor:
+  """One new token of one sequence in two kernels: qkv = its q, k and v unrotated [H*D + 2*KV*D]; RoPE of q and k
+  at `start_pos` (tables cos/sin [max_len, D/2]), causal attention of q over positions 0..start_pos, and k, v written
+  into the caches [1, KV, max_len, D] at that position → [H*D] in qkv's dtype. The first kernel computes the scores
+  (the new key rotated on the fly, older keys from the cache); the second the softmax and the weighted sum of
+  values, and the first query head of each kv head stores the new cache row. The store is unseen by tinygrad's
+  graph: nothing else in a decode step reads the cache, and every read of row start_pos in this step takes the
+  new values from qkv (rounded to the cache dtype, as a cache read would give). `position` is any tensor computed
+  from the bound start_pos (the decode step's int32 [1] buffer of it): the kernels take it as an input so that the
+  Variable is in the graph and tinygrad knows its value at launch. Replaces the RoPE of q, the
+  two cache writes and the scores/values kernels of `attention`'s path (five kernels) with two."""
+  _, KV, max_len, D = cache_k.shape
+  H = n_heads
+  group, scale, cdt = H // KV, 1.0 / math.sqrt(D), cache_k.dtype
+  k_base, v_base = H * D, (H + KV) * D
+  threads = _largest_divisor(D // 2, 32)
+
+  def scores_kernel(out: UOp, qp: UOp, kp: UOp, cp: UOp, sp: UOp, _position: UOp) -> UOp:
+    pos = _kernel_position(start_pos)
+    h, s, i = UOp.range(H, 0), UOp.range(pos + 1, 1), UOp.range(D // 2, 2, AxisType.REDUCE)   # i: a RoPE pair
+    g = h // group
+    q0, q1 = _rotated_pair(qp, h * D, i, cp, sp, pos)
+    new0, new1 = (v.cast(cdt).cast(dtypes.float) for v in _rotated_pair(qp, k_base + g * D, i, cp, sp, pos))
+    old = s < pos
+    k0 = old.where(kp[0, g, s, 2 * i].cast(dtypes.float), new0)
+    k1 = old.where(kp[0, g, s, 2 * i + 1].cast(dtypes.float), new1)
+    dot = (q0 * k0 + q1 * k1).reduce(i, arg=Ops.ADD)
+    opts = (Opt(OptOps.GROUP, 0, threads),) if threads > 1 else ()
+    return out[h, s].store(dot * scale).end(h, s).sink(arg=KernelInfo(name=f"gpu_rope_attn_scores_{H}_{D}", opts_to_apply=opts))
+
+  def values_kernel(out: UOp, scp: UOp, vp: UOp, qp: UOp, kp: UOp, cp: UOp, sp: UOp) -> UOp:
+    pos = _kernel_position(start_pos)
+    h, i, odd = UOp.range(H, 0), UOp.range(D // 2, 1), UOp.range(2, 2)   # output element d = 2i + odd (a RoPE pair)
+    g, d = h // group, 2 * i + odd
+    s1, s2, s3 = (UOp.range(pos + 1, r, AxisType.REDUCE) for r in (3, 4, 5))
+    top = scp[h, s1].reduce(s1, arg=Ops.MAX)
+    weight = lambda s: ((scp[h, s] - top) * 1.4426950408889634).exp2()
+    total = weight(s2).reduce(s2, arg=Ops.ADD)
+    new_v = qp[v_base + g * D + d].cast(cdt)
+    value = (s3 < pos).where(vp[0, g, s3, d].cast(dtypes.float), new_v.cast(dtypes.float))
+    acc = (weight(s3) * value).reduce(s3, arg=Ops.ADD)
+    k0, k1 = _rotated_pair(qp, k_base + g * D, i, cp, sp, pos)
+    writes = (h % group).eq(0)   # the first query head of each kv head writes its cache row
+    stores = UOp.group(out[h, d].store((acc / total).cast(qkv.dtype)),
+                       vp[0, g, pos, d.valid(writes)].store(new_v),
+                       kp[0, g, pos, d.valid(writes)].store(odd.eq(0).where(k0, k1).cast(cdt)))
+    opts = (Opt(OptOps.UPCAST, 2, 2), Opt(OptOps.LOCAL, 1, _largest_divisor(D // 2, 32)))
+    return stores.end(h, i, odd).sink(arg=KernelInfo(name=f"gpu_rope_attn_values_{H}_{D}", opts_to_apply=opts))
+
+  qkv = qkv.reshape(-1)
+  scores = Tensor.empty(H, max_len, dtype=dtypes.float32, device=qkv.device) \
+    .custom_kernel(qkv, cache_k, cos, sin, position, fxn=scores_kernel)[0]
+  return Tensor.empty(H, D, dtype=qkv.dtype, device=qkv.device) \
+    .custom_kernel(scores, cache_v, qkv, cache_k, cos, sin, fxn=values_kernel)[0].reshape(H * D)

@@ -184,9 +184,9 @@ def _silu(x: Tensor) -> Tensor:
   return x.detach() * sig + (x - x.detach()) * dsilu
 
 
-def _cpu_weights(layers) -> tuple[str, list] | None:
-  """How a CPU decode kernel reads `layers` together: ("f32" or "f16", [weight, ...]) for plain float layers of one
-  dtype, (block kind, [(packed, scale), ...]) for quantized layers of one kind; None for anything else (LoRA,
+def _fused_weights(layers) -> tuple[str, list] | None:
+  """How a fused decode kernel reads `layers` together: ("f32" or "f16", [weight, ...]) for plain float layers of
+  one dtype, (block kind, [(packed, scale), ...]) for quantized layers of one kind; None for anything else (LoRA,
   bf16, a mix), which keeps the layer-by-layer path."""
   if all(type(layer) is Linear for layer in layers):
     dtype = layers[0].weight.dtype
@@ -196,19 +196,21 @@ def _cpu_weights(layers) -> tuple[str, list] | None:
   return None
 
 
-def _cpu_project(weights: tuple[str, list], x: Tensor, norm: RMSNorm | None = None, residual: Tensor | None = None) -> Tensor:
-  """residual + (the layers' outputs concatenated) for one row x, RMS-normalized first by `norm`: one kernel."""
+def _project(kernels, weights: tuple[str, list], x: Tensor, norm: RMSNorm | None = None,
+             residual: Tensor | None = None) -> Tensor | None:
+  """residual + (the layers' outputs concatenated) for one row x, RMS-normalized first by `norm`, in one kernel of
+  `kernels` (cpu_kernels or gpu_kernels); None where the GPU kernels do not fit the shape."""
   kind, ws = weights
   norm_args = None if norm is None else (norm.weight, norm.eps)
-  if kind in ("f32", "f16"): return cpu_kernels.matvec_concat(x, ws, norm=norm_args, residual=residual)
-  return cpu_kernels.matvec_blocks(kind, x, ws, norm=norm_args, residual=residual)
+  if kind in ("f32", "f16"): return kernels.matvec_concat(x, ws, norm=norm_args, residual=residual)
+  return kernels.matvec_blocks(kind, x, ws, norm=norm_args, residual=residual)
 
 
-def _cpu_swiglu(weights: tuple[str, list], x: Tensor, norm: RMSNorm) -> Tensor:
+def _swiglu(kernels, weights: tuple[str, list], x: Tensor, norm: RMSNorm) -> Tensor | None:
   """silu(gate(norm(x))) * up(norm(x)) for one row x: one kernel."""
   kind, (gate, up) = weights
-  if kind in ("f32", "f16"): return cpu_kernels.matvec_swiglu(x, gate, up, norm=(norm.weight, norm.eps))
-  return cpu_kernels.matvec_blocks_swiglu(kind, x, gate, up, norm=(norm.weight, norm.eps))
+  if kind in ("f32", "f16"): return kernels.matvec_swiglu(x, gate, up, norm=(norm.weight, norm.eps))
+  return kernels.matvec_blocks_swiglu(kind, x, gate, up, norm=(norm.weight, norm.eps))
 
 
 class TransformerBlock:
@@ -223,23 +225,24 @@ class TransformerBlock:
     h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, cache, key_bias)
     return h + self.feed_forward(self.ffn_norm(h))
 
-  def cpu_decode_weights(self) -> list[tuple[str, list]] | None:
-    """The weights of q/k/v, wo, gate/up and w2 as `decode_cpu` reads them; None when a layer does not allow it."""
+  def decode_weights(self) -> list[tuple[str, list]] | None:
+    """The weights of q/k/v, wo, gate/up and w2 as `decode_fused` reads them; None when a layer does not allow it."""
     a, f = self.attention, self.feed_forward
-    plan = [_cpu_weights(layers) for layers in ((a.wq, a.wk, a.wv), (a.wo,), (f.w1, f.w3), (f.w2,))]
+    plan = [_fused_weights(layers) for layers in ((a.wq, a.wk, a.wv), (a.wo,), (f.w1, f.w3), (f.w2,))]
     norms_ok = all(n.weight.dtype in (dtypes.float32, dtypes.float16) for n in (self.attention_norm, self.ffn_norm))
     return plan if norms_ok and None not in plan else None
 
-  def decode_cpu(self, x: Tensor, plan: list[tuple[str, list]], cache: KVCache, rope: tuple[Tensor, Tensor],
-                 position: Tensor) -> Tensor:
-    """This layer for one token of one sequence on the clang CPU backend in five kernels (tinygrad's graph of the
-    same layer takes 14): norm + q/k/v; RoPE + cache write + attention; wo + residual; norm + gate/up/SwiGLU;
-    w2 + residual. x: float32 [dim]; rope: the full cos/sin tables; position: int32 [1]."""
+  def decode_fused(self, kernels, x: Tensor, plan: list[tuple[str, list]], cache: KVCache, attend) -> Tensor | None:
+    """This layer for one token of one sequence in the fused kernels of `kernels` (cpu_kernels: five kernels, where
+    tinygrad's graph of the same layer takes 14; gpu_kernels: six, attention being two): norm + q/k/v; RoPE +
+    cache write + attention (`attend(qkv, cache, n_heads)`); wo + residual; norm + gate/up/SwiGLU; w2 + residual.
+    x: float32 [dim]. None when a GPU kernel does not fit a shape."""
     qkv_w, wo_w, gate_up_w, w2_w = plan
-    qkv = _cpu_project(qkv_w, x, norm=self.attention_norm)
-    attended = cpu_kernels.decode_attention(qkv, cache.k, cache.v, *rope, position, self.attention.n_heads)
-    h = _cpu_project(wo_w, attended, residual=x)
-    return _cpu_project(w2_w, _cpu_swiglu(gate_up_w, h, self.ffn_norm), residual=h)
+    if (qkv := _project(kernels, qkv_w, x, norm=self.attention_norm)) is None: return None
+    attended = attend(qkv, cache, self.attention.n_heads)
+    if (h := _project(kernels, wo_w, attended, residual=x)) is None: return None
+    if (gated := _swiglu(kernels, gate_up_w, h, self.ffn_norm)) is None: return None
+    return _project(kernels, w2_w, gated, residual=h)
 
 
 class Transformer:
@@ -335,24 +338,35 @@ class Transformer:
   def decode_step(self, token: UOp, start_pos: UOp) -> Tensor:
     """One token (a bound Variable, read from the embedding by a symbolic slice) → logits [1, vocab]."""
     x = self.tok_embeddings.weight.shrink(((token, token + 1), None)).reshape(1, 1, self.args.dim)
-    if (logits := self._decode_step_cpu(x, start_pos)) is not None: return logits
+    if (logits := self._decode_step_fused(x, start_pos)) is not None: return logits
     return self.logits_from_hidden(self.forward_hidden(x, start_pos)).reshape(1, -1)
 
-  def _decode_step_cpu(self, x: Tensor, start_pos: UOp) -> Tensor | None:
+  def _decode_step_fused(self, x: Tensor, start_pos: UOp) -> Tensor | None:
     """decode_step in 5 kernels per layer + 3 on the clang CPU backend (an embedding copy, the position, norm +
-    output head), where tinygrad's graph takes ~14 per layer; for small models the per-kernel cost is most of a
-    step. None when some layer needs the general path (LoRA, bf16, a mix of float and quantized layers)."""
-    if TRAINING or not cpu_kernels.available(self.device) or self.dtype not in (dtypes.float32, dtypes.float16): return None
+    output head), 6 per layer + 3 on a GPU, where tinygrad's graph takes ~14 per layer; for small models (CPU) and
+    big GPUs the per-kernel cost is a large part of a step. None when some layer needs the general path (LoRA,
+    bf16, a mix of float and quantized layers, a GPU shape the kernels do not split)."""
+    on_cpu = cpu_kernels.available(self.device)
+    if TRAINING or self.dtype not in (dtypes.float32, dtypes.float16) or not (on_cpu or gpu_kernels.available(self.device)):
+      return None
     head = self.output if self.output is not None else Linear.wrap(self.tok_embeddings.weight)
-    plans = [layer.cpu_decode_weights() for layer in self.layers]
-    head_weights = _cpu_weights((head,))
+    plans = [layer.decode_weights() for layer in self.layers]
+    head_weights = _fused_weights((head,))
     if head_weights is None or None in plans or self.norm.weight.dtype not in (dtypes.float32, dtypes.float16): return None
     rt = self._runtime
     position = Tensor.full((1,), start_pos, dtype=dtypes.int32, device=self.device).contiguous()
-    x = x.reshape(-1).float()
+    if on_cpu:
+      kernels = cpu_kernels
+      attend = lambda qkv, cache, H: cpu_kernels.decode_attention(qkv, cache.k, cache.v, rt.cos, rt.sin, position, H)
+    else:
+      kernels = gpu_kernels
+      attend = lambda qkv, cache, H: gpu_kernels.decode_attention(qkv, cache.k, cache.v, rt.cos, rt.sin, start_pos, H, position)
+    x = x.reshape(-1).float()   # float32 activations, as llama.cpp keeps them
     for layer, plan, cache in zip(self.layers, plans, rt.caches(1)):
-      x = layer.decode_cpu(x, plan, cache, (rt.cos, rt.sin), position)
-    return _cpu_project(head_weights, x, norm=self.norm).reshape(1, -1)
+      x = layer.decode_fused(kernels, x, plan, cache, attend)
+      if x is None: return None
+    logits = _project(kernels, head_weights, x, norm=self.norm)
+    return None if logits is None else logits.reshape(1, -1).float()
 
   def decode_batch(self, tokens: Tensor, start_pos: UOp, key_bias: Tensor) -> Tensor:
     """One token per row (int tokens [B, 1], all rows at the same cache column) → logits [B, vocab]; for beam
