@@ -108,8 +108,8 @@ class _Row:
   the sum of squares of x again, in the loop that reads x for its products, so the norm costs no kernel of its own
   and no pass of its own (x is a few KB, read from cache); a fused add saves a kernel per residual."""
 
-  def __init__(self, x: Tensor, norm: tuple[Tensor, float] | None, residual: Tensor | None):
-    self.K, self.norm, self.residual = x.shape[-1], norm, residual
+  def __init__(self, x: Tensor, norm: tuple[Tensor, float] | None, residual: Tensor | None, out_dtype: DType | None = None):
+    self.K, self.norm, self.residual, self.out_dtype = x.shape[-1], norm, residual, out_dtype or x.dtype
     self.inputs = [x.reshape(self.K)] + ([norm[0]] if norm else []) + ([residual.reshape(-1)] if residual is not None else [])
 
   def bind(self, params: tuple[UOp, ...]) -> tuple[UOp, ...]:
@@ -141,15 +141,15 @@ class _Row:
 
 
 def _launch(name: str, n_out: int, row: _Row, weights: list[Tensor], body, opts: tuple[Opt, ...]) -> Tensor:
-  """A custom kernel computing y[i] for i < n_out in x's dtype: body(i, *weight placeholders) gives the product's
-  value (float32), which `row` completes with its residual."""
-  x = row.inputs[0]
+  """A custom kernel computing y[i] for i < n_out in the row's output dtype: body(i, *weight placeholders) gives the
+  product's value (float32), which `row` completes with its residual."""
+  x, dtype = row.inputs[0], row.out_dtype
   def kernel(y: UOp, *params: UOp) -> UOp:
     weight_params = row.bind(params)
     i = UOp.range(n_out, 0)
     value = row.finish(i, body(i, *weight_params))
-    return y[i].store(value.cast(x.dtype)).end(i).sink(arg=KernelInfo(name=row.name(name), opts_to_apply=opts))
-  return Tensor.empty(n_out, dtype=x.dtype, device=x.device).custom_kernel(*row.inputs, *weights, fxn=kernel)[0]
+    return y[i].store(value.cast(dtype)).end(i).sink(arg=KernelInfo(name=row.name(name), opts_to_apply=opts))
+  return Tensor.empty(n_out, dtype=dtype, device=x.device).custom_kernel(*row.inputs, *weights, fxn=kernel)[0]
 
 
 def _row_dot(row: _Row, w: UOp, i: UOp, k: UOp) -> UOp:
@@ -180,14 +180,15 @@ def _masked_rows(i: UOp, sizes: list[int]):
 
 
 def matvec_concat(x: Tensor, weights: list[Tensor], norm: tuple[Tensor, float] | None = None,
-                  residual: Tensor | None = None) -> Tensor | None:
+                  residual: Tensor | None = None, out_dtype: DType | None = None) -> Tensor | None:
   """x (one row) @ [W0; W1; ...].T in one kernel (the q, k and v projections of a token): row i reads only the
-  matrix that holds it. With norm = (weight, eps), x is RMS-normalized first; a residual [N] is added to the output."""
+  matrix that holds it. With norm = (weight, eps), x is RMS-normalized first; a residual [N] is added to the output.
+  The output has x's dtype unless out_dtype is given (float32 logits from half activations)."""
   sizes, K = [w.shape[0] for w in weights], weights[0].shape[1]
   N = sum(sizes)
   opts = _schedules["dense"].opts(N, K, _unroll(weights[0].dtype))
   if opts is None or any(w.shape[1] != K or w.dtype != weights[0].dtype for w in weights): return None
-  row = _Row(x, norm, residual)
+  row = _Row(x, norm, residual, out_dtype)
   def body(i: UOp, *wps: UOp) -> UOp:
     k = UOp.range(K, 1, AxisType.REDUCE)
     w_ik = functools.reduce(UOp.__add__, [wp[r, k].cast(dtypes.float) for wp, r in zip(wps, _masked_rows(i, sizes))])
@@ -257,7 +258,8 @@ def _block_squares(kind: str, row: _Row, wpb: int, *, b: UOp, w: UOp, c: UOp) ->
 
 
 def _blocks(kind: str, name: str, x: Tensor, layers: list[tuple[Tensor, Tensor]], combine,
-            norm: tuple[Tensor, float] | None = None, residual: Tensor | None = None) -> Tensor | None:
+            norm: tuple[Tensor, float] | None = None, residual: Tensor | None = None,
+            out_dtype: DType | None = None) -> Tensor | None:
   """A kernel over the rows of several Q8_0/Q4_0 matrices (packed [N, K/32, bytes per block], scale [N, K/32]) of
   the same K: combine(i, terms, b, scale) gets each matrix's block terms for output row i and returns its value,
   applying scale (the norm's 1/rms) to each sum before anything nonlinear."""
@@ -265,7 +267,7 @@ def _blocks(kind: str, name: str, x: Tensor, layers: list[tuple[Tensor, Tensor]]
   if any(p.shape[1:] != layers[0][0].shape[1:] for p, _ in layers): return None
   K, N = nb * QBLOCK, combine.n_out
   if (opts := _blocks_opts(N, nb, wpb, whole_blocks=norm is not None)) is None: return None
-  row = _Row(x, norm, residual)
+  row = _Row(x, norm, residual, out_dtype)
   def body(i: UOp, *params: UOp) -> UOp:
     b, w, c = UOp.range(nb, 1, AxisType.REDUCE), UOp.range(wpb, 2, AxisType.REDUCE), UOp.range(4, 3, AxisType.REDUCE)
     terms = [functools.partial(_block_term, kind, row, qp, sp, b=b, w=w, c=c) for qp, sp in zip(params[::2], params[1::2])]
@@ -297,11 +299,11 @@ def _silu(g: UOp) -> UOp: return g * (1.0 / (1.0 + (g * -1.4426950408889634).exp
 
 
 def matvec_blocks(kind: str, x: Tensor, layers: list[tuple[Tensor, Tensor]], norm: tuple[Tensor, float] | None = None,
-                  residual: Tensor | None = None) -> Tensor | None:
+                  residual: Tensor | None = None, out_dtype: DType | None = None) -> Tensor | None:
   """One row x @ [dequant(W0); dequant(W1); ...].T for Q8_0 ("q8_0") or Q4_0 ("q4_0") layers (packed, scale);
-  norm and residual as in `matvec_concat`."""
+  norm, residual and out_dtype as in `matvec_concat`."""
   return _blocks(kind, f"matvec{len(layers) if len(layers) > 1 else ''}", x, layers, _Rows([p.shape[0] for p, _ in layers]),
-                 norm, residual)
+                 norm, residual, out_dtype)
 
 
 def matvec_blocks_swiglu(kind: str, x: Tensor, gate: tuple[Tensor, Tensor], up: tuple[Tensor, Tensor],

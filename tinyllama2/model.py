@@ -197,13 +197,15 @@ def _fused_weights(layers) -> tuple[str, list] | None:
 
 
 def _project(kernels, weights: tuple[str, list], x: Tensor, norm: RMSNorm | None = None,
-             residual: Tensor | None = None) -> Tensor | None:
+             residual: Tensor | None = None, float32: bool = False) -> Tensor | None:
   """residual + (the layers' outputs concatenated) for one row x, RMS-normalized first by `norm`, in one kernel of
-  `kernels` (cpu_kernels or gpu_kernels); None where the GPU kernels do not fit the shape."""
+  `kernels` (cpu_kernels, always float32, or gpu_kernels: x's dtype unless `float32`); None where the GPU kernels
+  do not fit the shape."""
   kind, ws = weights
-  norm_args = None if norm is None else (norm.weight, norm.eps)
-  if kind in ("f32", "f16"): return kernels.matvec_concat(x, ws, norm=norm_args, residual=residual)
-  return kernels.matvec_blocks(kind, x, ws, norm=norm_args, residual=residual)
+  extra = {"norm": None if norm is None else (norm.weight, norm.eps), "residual": residual}
+  if float32 and kernels is gpu_kernels: extra["out_dtype"] = dtypes.float32
+  if kind in ("f32", "f16"): return kernels.matvec_concat(x, ws, **extra)
+  return kernels.matvec_blocks(kind, x, ws, **extra)
 
 
 def _swiglu(kernels, weights: tuple[str, list], x: Tensor, norm: RMSNorm) -> Tensor | None:
@@ -236,7 +238,7 @@ class TransformerBlock:
     """This layer for one token of one sequence in the fused kernels of `kernels` (cpu_kernels: five kernels, where
     tinygrad's graph of the same layer takes 14; gpu_kernels: six, attention being two): norm + q/k/v; RoPE +
     cache write + attention (`attend(qkv, cache, n_heads)`); wo + residual; norm + gate/up/SwiGLU; w2 + residual.
-    x: float32 [dim]. None when a GPU kernel does not fit a shape."""
+    x: [dim] (float32 on the CPU). None when a GPU kernel does not fit a shape."""
     qkv_w, wo_w, gate_up_w, w2_w = plan
     if (qkv := _project(kernels, qkv_w, x, norm=self.attention_norm)) is None: return None
     attended = attend(qkv, cache, self.attention.n_heads)
@@ -361,12 +363,14 @@ class Transformer:
     else:
       kernels = gpu_kernels
       attend = lambda qkv, cache, H: gpu_kernels.decode_attention(qkv, cache.k, cache.v, rt.cos, rt.sin, start_pos, H, position)
-    x = x.reshape(-1).float()   # float32 activations, as llama.cpp keeps them
+    # float32 activations on the CPU, as llama.cpp keeps them; the model's dtype on a GPU, where every work group of
+    # a product reads all of x (and the norm weight) from cache: half the bytes of float32 beside its weight rows
+    x = x.reshape(-1).float() if on_cpu else x.reshape(-1).contiguous()
     for layer, plan, cache in zip(self.layers, plans, rt.caches(1)):
       x = layer.decode_fused(kernels, x, plan, cache, attend)
       if x is None: return None
-    logits = _project(kernels, head_weights, x, norm=self.norm)
-    return None if logits is None else logits.reshape(1, -1).float()
+    logits = _project(kernels, head_weights, x, norm=self.norm, float32=True)
+    return None if logits is None else logits.reshape(1, -1)
 
   def decode_batch(self, tokens: Tensor, start_pos: UOp, key_bias: Tensor) -> Tensor:
     """One token per row (int tokens [B, 1], all rows at the same cache column) → logits [B, vocab]; for beam
