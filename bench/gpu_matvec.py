@@ -40,19 +40,29 @@ def _layers(kind: str, N: int, K: int, copies: int) -> list:
   return out
 
 
-def _call(kind: str, layer, x: Tensor, generic: bool, up=None) -> Tensor:
+def _call(kind: str, layer, x: Tensor, generic: bool, up=None, fused: dict | None = None) -> Tensor:
+  """The product as the generic graph or as our kernel; `fused`: the norm= or residual= our kernel fuses in."""
+  fused = fused or {}
   if kind == "f16":
     if generic: return (x @ layer.T) if up is None else (x @ layer.T).silu() * (x @ up.T)
-    return gpu_kernels.matvec(x, layer) if up is None else gpu_kernels.matvec_swiglu(x, layer, up)
+    return gpu_kernels.matvec_concat(x, [layer], **fused) if up is None else gpu_kernels.matvec_swiglu(x, layer, up, **fused)
   if generic: return x @ layer.dequantize().T
-  f = gpu_kernels.matvec_q8_0 if kind == "q8_0" else gpu_kernels.matvec_q4_0
-  return f(x, layer.packed, layer.scale)
+  return gpu_kernels.matvec_blocks(layer.block_kind, x, [(layer.packed, layer.scale)], **fused)
+
+
+def _fusion(name: str, N: int, K: int) -> dict:
+  """What the fused decode step adds to this product: the norm before q/k/v-like, gate/up and head products,
+  the residual after the others."""
+  if name in ("gate_up", "head"): return {"norm": ((Tensor.rand(K) + 0.5).half().realize(), 1e-5)}
+  return {"residual": Tensor.rand(N).half().realize()}
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--kind", action="append", choices=["f16", "q8_0", "q4_0"], help="weight kinds (default all)")
   p.add_argument("--bytes", type=float, default=512e6, help="bytes of weights per timed graph (more than L2)")
+  p.add_argument("--fused", action="store_true", help="only the default schedule, without and with the norm or "
+                 "residual the fused decode step adds (what the fusion costs)")
   a = p.parse_args()
   x = Tensor.rand(1, 1, 4096).half().realize()
   x_wide = Tensor.rand(1, 1, 11008).half().realize()
@@ -66,14 +76,16 @@ def main() -> None:
       layers = _layers(kind, N, K, copies * (2 if swiglu else 1))
       ups = layers[copies:] if swiglu else [None] * copies
       xin = x_wide if K == 11008 else x
-      for sched in [None] + SCHEDULES:
+      default = gpu_kernels.SCHEDULES["dense" if kind == "f16" else "blocks"]
+      runs = [(default, {}), (default, _fusion(name, N, K))] if a.fused else [(None, {})] + [(s, {}) for s in SCHEDULES]
+      for sched, fused in runs:
         if sched is not None: gpu_kernels.set_schedule("dense" if kind == "f16" else "blocks", sched)
-        if _call(kind, layers[0], xin, sched is None, ups[0]) is None: continue
-        fn = TinyJit(lambda: Tensor.stack(*[_call(kind, lay, xin, sched is None, up).reshape(-1)
+        if _call(kind, layers[0], xin, sched is None, ups[0], fused) is None: continue
+        fn = TinyJit(lambda: Tensor.stack(*[_call(kind, lay, xin, sched is None, up, fused).reshape(-1)
                                             for lay, up in zip(layers, ups)]).realize())
         gbs = _time(fn, int(bytes_per * copies))
         label = "tinygrad x @ W.T" if sched is None else f"{sched.threads}t x {sched.rows}r x {sched.rows_per_thread}"
-        print(f"{kind} | {name} {N}x{K} | {label} | {gbs:.0f}", flush=True)
+        print(f"{kind} | {name} {N}x{K} | {label}{' + ' + ', '.join(fused) if fused else ''} | {gbs:.0f}", flush=True)
       layers.clear()
   for kind, sched in gpu_kernels.SCHEDULES.items(): gpu_kernels.set_schedule(kind, sched)
 
