@@ -78,22 +78,34 @@ def _dot_row(row: str, wt: str, K: int, load8: str, result: str) -> str:
 # (tl_xq) with a float scale per block of 32 (tl_xs), then a block's dot product is exact integer arithmetic
 # (AVX2: sign tricks + pmaddubsw + pmaddwd, 32 products in four instructions) times the two scales. Converting
 # every weight to float instead makes these kernels compute-bound below the memory bandwidth.
-_QUANTIZE_X = """signed char tl_xq[%(K)d] __attribute__((aligned(32)));
-float tl_xs[%(NB)d];
+_QUANTIZE_X = """signed char tl_xq[%(K)d] __attribute__((aligned(32))), tl_xabs[%(K)d] __attribute__((aligned(32)));
+float tl_xs[%(NB)d], tl_xsum[%(NB)d];
 for (int b = 0; b < %(NB)d; b++) {
   const float* xb = tl_x + b * 32;
   float amax = 0;
   for (int j = 0; j < 32; j++) { float a = __builtin_fabsf(xb[j]); amax = a > amax ? a : amax; }
   float d = amax / 127.0f, id = d > 0 ? 1.0f / d : 0.0f;
+  int sum = 0;
+  for (int j = 0; j < 32; j++) {
+    int q = (int)__builtin_rintf(xb[j] * id);
+    tl_xq[b * 32 + j] = (signed char)q;
+    tl_xabs[b * 32 + j] = (signed char)(q < 0 ? -q : q);
+    sum += q;
+  }
   tl_xs[b] = d;
-  for (int j = 0; j < 32; j++) tl_xq[b * 32 + j] = (signed char)__builtin_rintf(xb[j] * id);
+  tl_xsum[b] = d * (float)sum;   /* Q4_0: the -8 of every weight nibble, applied once per block */
 }
 """
-# tl_f8 s = (a tl_c32 of 32 int8 weights w) · (32 int8 of x at xq) as eight partial integer sums, in float
+# tl_f8 s = (a tl_c32 of 32 int8 weights w) · (32 int8 of x at xq) as eight partial integer sums, in float. pmaddubsw
+# multiplies unsigned bytes by signed ones: signed Q8_0 weights go through the sign trick (|x| · w·sign(x), |x| kept
+# from rounding x: tl_xabs); Q4_0 nibbles 0..15 are unsigned already (their -8 comes back through tl_xsum): two
+# instructions less per block, 5-10% faster Q4_0 kernels (in-process A/B, tinyllama-1.1b's gate/up and 32000-row head).
+_PAIRS = {"q8_0": "__builtin_ia32_pmaddubsw256(*(const tl_c32*)(tl_xabs + b * 32), __builtin_ia32_psignb256(w, xv))",
+          "q4_0": "__builtin_ia32_pmaddubsw256(w, xv)"}
 _I8_DOT = """#if defined(__AVX2__)
     const tl_s16x16 ones = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
     tl_c32 xv = *(const tl_c32*)xq;
-    tl_s16x16 pairs = __builtin_ia32_pmaddubsw256(__builtin_ia32_psignb256(xv, xv), __builtin_ia32_psignb256(w, xv));
+    tl_s16x16 pairs = PAIRS;
     tl_f8 s = __builtin_convertvector(__builtin_ia32_pmaddwd256(pairs, ones), tl_f8);
 #else
     int si = 0;
@@ -103,12 +115,12 @@ _I8_DOT = """#if defined(__AVX2__)
 #endif
 """
 # The 32 int8 weights of block b of a row, as tl_c32 w: Q8_0 bytes as they are; Q4_0 bytes [N, K/32, 16] hold value j
-# in the low nibble of byte j and value j+16 in the high nibble, a weight being (nibble - 8) * d
+# in the low nibble of byte j and value j+16 in the high nibble, a weight being (nibble - 8) * d: w holds the nibbles
 _BLOCK_WEIGHTS = {
   "q8_0": "tl_c32 w = *(const tl_c32*)(Q + b * 32);",
   "q4_0": """tl_u8x16 p = *(const tl_u8x16*)(Q + b * 16);
     tl_c32 w = (tl_c32)__builtin_shufflevector(p & (unsigned char)15, p >> 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
-                                               14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31) - 8;""",
+                                               14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);""",
 }
 _BLOCK_BYTES = {"q8_0": 32, "q4_0": 16}
 
@@ -116,19 +128,32 @@ _BLOCK_BYTES = {"q8_0": 32, "q4_0": 16}
 def _block_row_dot(kind: str, i: int, row: str, NB: int, result: str) -> str:
   """C setting float `result` to (row `row` of quantized weight i: bytes tl_q{i}, fp16 scales tl_d{i}) · x, with
   x as the thread's Q8_0 blocks (tl_xq, tl_xs): integer block dot products times the two scales."""
-  q = f"(tl_q{i} + (long)({row}) * {NB * _BLOCK_BYTES[kind]})"
-  return f"""float {result};
-  {{
-  tl_f8 a0 = 0, a1 = 0;
-  for (int b = 0; b < {NB}; b++) {{
+  return _block_rows_dot(kind, [(i, row, result)], NB)
+
+
+def _block_rows_dot(kind: str, dots: list[tuple[int, str, str]], NB: int) -> str:
+  """C for several such dot products (weight i, row, result) in one loop over the blocks, which loads each block of
+  x once for all of them and gives the core independent chains to overlap. Q4_0 sums nibbles · x and subtracts
+  8 · (sum of the block's x) · scale once per row."""
+  q4 = kind == "q4_0"
+  body, ends = "", ""
+  for r, (i, row, result) in enumerate(dots):
+    q = f"(tl_q{i} + (long)({row}) * {NB * _BLOCK_BYTES[kind]})"
+    body += f"""    {{
     {_BLOCK_WEIGHTS[kind].replace("Q", q)}
+{_I8_DOT.replace("PAIRS", _PAIRS[kind])}    float dw = (float)tl_d{i}[(long)({row}) * {NB} + b];
+    acc{r} += s * (dw * tl_xs[b]);
+    {f"offset{r} += dw * tl_xsum[b];" if q4 else ""}
+    }}
+"""
+    ends += f"  {{ tl_f8 a = acc{r}; {result} = {_HSUM8}{f' - 8.0f * offset{r}' if q4 else ''}; }}\n"
+  decl = "".join(f"  tl_f8 acc{r} = 0;\n  float offset{r} = 0;\n" for r in range(len(dots)))
+  results = "".join(f"float {result};\n" for _, _, result in dots)
+  return f"""{results}{{
+{decl}  for (int b = 0; b < {NB}; b++) {{
     const signed char* xq = tl_xq + b * 32;
-{_I8_DOT}    float d = (float)tl_d{i}[(long)({row}) * {NB} + b] * tl_xs[b];
-    if (b & 1) a1 += s * d; else a0 += s * d;
-  }}
-  tl_f8 a = a0 + a1;
-  {result} = {_HSUM8};
-  }}
+{body}  }}
+{ends}}}
 """
 
 
@@ -316,8 +341,8 @@ def matvec_blocks_swiglu(kind: str, x: Tensor, gate: tuple[Tensor, Tensor], up: 
   """silu(x @ dequant(gate).T) * (x @ dequant(up).T) → float32 [N] for one row x, in one kernel (x RMS-normalized
   first with norm = (weight, eps))."""
   N, NB = gate[1].shape
-  rows = f"for (int n = tl_lo; n < tl_hi; n++) {{\n  {_block_row_dot(kind, 0, 'n', NB, 'g')}" \
-         f"  {_block_row_dot(kind, 1, 'n', NB, 'u')}  {{0}}[n] = g / (1.0f + TL_EXPF(-g)) * u;\n}}\n"
+  rows = f"for (int n = tl_lo; n < tl_hi; n++) {{\n  {_block_rows_dot(kind, [(0, 'n', 'g'), (1, 'n', 'u')], NB)}" \
+         f"  {{0}}[n] = g / (1.0f + TL_EXPF(-g)) * u;\n}}\n"
   fill = {"K": NB * QBLOCK, "NB": NB}
   return _run(_fused_name(f"swiglu_{kind}_{N}_{NB * QBLOCK}", norm, None), _block_declarations(kind, 2), rows, N,
               2 * NB * QBLOCK * BYTES_PER_WEIGHT[kind], x, *gate, *up, prologue=_QUANTIZE_X % fill,
