@@ -120,7 +120,7 @@ class _Row:
     return params
 
   def at(self, k: UOp) -> UOp:
-    """x[k] as the product reads it: times the norm weight when normalized (the 1/rms factor comes in `finish`)."""
+    """x[k] as the product reads it: times the norm weight when normalized (1/rms scales the sums: `inv_rms`)."""
     v = self.xp[k].cast(dtypes.float)
     return v * self.nwp[k].cast(dtypes.float) if self.norm else v
 
@@ -158,8 +158,9 @@ def _row_dot(row: _Row, w: UOp, i: UOp, k: UOp) -> UOp:
 
 def _normalized(row: _Row, k: UOp, *dots: UOp) -> tuple[UOp, ...]:
   """The dots times 1/rms(x) when the row is normalized (x² summed over the same range k as the dots: one loop)."""
+  if not row.norm: return dots
   inv = row.inv_rms(row.square(k).reduce(k, arg=Ops.ADD))
-  return dots if inv is None else tuple(d * inv for d in dots)
+  return tuple(d * inv for d in dots)
 
 
 def _unroll(dtype: DType) -> int: return LOAD_BYTES // dtype.itemsize
@@ -390,9 +391,9 @@ def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor,
   at `start_pos` (tables cos/sin [max_len, D/2]), causal attention of q over positions 0..start_pos, and k, v written
   into the caches [1, KV, max_len, D] at that position → [H*D] in qkv's dtype. The first kernel computes the scores
   (the new key rotated on the fly, older keys from the cache); the second the softmax and the weighted sum of
-  values, and the first query head of each kv head stores the new cache row. The store is unseen by tinygrad's
-  graph: nothing else in a decode step reads the cache, and every read of row start_pos in this step takes the
-  new values from qkv (rounded to the cache dtype, as a cache read would give). `position` is any tensor computed
+  values, and the first query head of each kv head stores the new cache row. tinygrad's lazy graph does not
+  order anything after that store (the cache outputs of the kernel are unused): nothing else in a decode step
+  reads the cache, and every read of row start_pos in this step takes the new values from qkv (rounded to the cache dtype, as a cache read would give). `position` is any tensor computed
   from the bound start_pos (the decode step's int32 [1] buffer of it): the kernels take it as an input so that the
   Variable is in the graph and tinygrad knows its value at launch. Replaces the RoPE of q, the
   two cache writes and the scores/values kernels of `attention`'s path (five kernels) with two."""
