@@ -27,5 +27,5 @@ timeout ${BENCH_S:-200} python3 bench/bench.py --model ${BENCH_MODEL:-llama2-7b}
   --quantize int8 --quantize int4 --profile --json "$OUT/bench.json" 2>&1 | grep -v "^bench:" | tee "$OUT/bench.txt"
 [ "${MATVEC_S:-110}" -gt 0 ] && timeout ${MATVEC_S:-110} python3 bench/gpu_matvec.py --bytes 256e6 2>&1 | tee "$OUT/matvec.txt"
 [ "${FUSED_S:-60}" -gt 0 ] && timeout ${FUSED_S:-60} python3 bench/gpu_matvec.py --fused --bytes 256e6 2>&1 | tee "$OUT/fused.txt"
-timeout ${TESTS_S:-75} python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py tests/test_parity.py \
+timeout ${TESTS_S:-120} python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py tests/test_parity.py \
   tests/test_quantize.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
