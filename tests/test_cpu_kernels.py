@@ -294,23 +294,10 @@ def test_decode_attention_rotates_writes_the_cache_and_attends(dtype, head_dim):
 def test_fused_decode_step_matches_the_layer_by_layer_graph(dtype, mode):
   """decode_step through the fused kernels (5 per layer + 3) gives the logits and the KV cache of tinygrad's
   layer-by-layer graph for the same model."""
-  from tinyllama2.benchmark import _kernels_per_decode_step
+  from conftest import decode_steps_fused_and_layer_by_layer
   from tinyllama2.config import ModelArgs
-  from tinyllama2.model import Transformer
-  from tinyllama2.quantize import quantize_model
-  def run(fused: bool):
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=160)
-    m = Transformer(args, max_seq_len=24, dtype=dtype, device=DEV)
-    m.init_random(seed=1, std=0.2)
-    if mode: quantize_model(m, mode)
-    if not fused: m._decode_step_fused = lambda x, pos: None
-    rt, logits = m._runtime, []
-    m.prefill(Tensor([[3, 17, 42]], device=DEV), 0).realize()
-    for i, tok in enumerate([5, 9, 11, 12]):
-      logits.append(rt.decode_jit(rt.tok_var.bind(tok), rt.pos_var.bind(3 + i)).numpy())
-    caches = [c.k.float().numpy() for c in rt.caches(1)] + [c.v.float().numpy() for c in rt.caches(1)]
-    return np.concatenate(logits), caches, _kernels_per_decode_step(m, 13, 7)
-  fused, generic = run(True), run(False)
+  args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=160)
+  fused, generic = decode_steps_fused_and_layer_by_layer(args, dtype, mode, DEV)
   np.testing.assert_allclose(fused[0], generic[0], rtol=1e-4, atol=1e-4)
   for a, b in zip(fused[1], generic[1]): np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
   assert np.abs(fused[0]).max() > 1   # real logits, not zeros

@@ -205,23 +205,10 @@ def test_fused_decode_step_matches_the_layer_by_layer_graph(dtype, mode):
   """decode_step through the fused GPU kernels (6 per layer + 3: norm + q/k/v, RoPE + attention scores, softmax +
   values + cache write, wo + residual, norm + gate/up/SwiGLU, w2 + residual) gives the logits and the KV cache of
   tinygrad's layer-by-layer graph for the same model."""
-  from tinyllama2 import ModelArgs, Transformer
-  from tinyllama2.benchmark import _kernels_per_decode_step
-  from tinyllama2.quantize import quantize_model
-  dev = _device()
-  def run(fused: bool):
-    args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=96, hidden_dim=512)
-    m = Transformer(args, max_seq_len=24, dtype=dtype, device=dev)
-    m.init_random(seed=1, std=0.2)
-    if mode: quantize_model(m, mode)
-    if not fused: m._decode_step_fused = lambda x, pos: None
-    rt, logits = m._runtime, []
-    m.prefill(Tensor([[3, 17, 42]], device=dev), 0).realize()
-    for i, tok in enumerate([5, 9, 11, 12]):
-      logits.append(rt.decode_jit(rt.tok_var.bind(tok), rt.pos_var.bind(3 + i)).numpy())
-    caches = [c.k.float().numpy() for c in rt.caches(1)] + [c.v.float().numpy() for c in rt.caches(1)]
-    return np.concatenate(logits), caches, _kernels_per_decode_step(m, 13, 7)
-  fused, generic = run(True), run(False)
+  from conftest import decode_steps_fused_and_layer_by_layer
+  from tinyllama2 import ModelArgs
+  args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=96, hidden_dim=512)
+  fused, generic = decode_steps_fused_and_layer_by_layer(args, dtype, mode, _device())
   tol = dict(rtol=2e-2, atol=2e-2) if dtype == dtypes.float16 else dict(rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(fused[0], generic[0], **tol)
   for a, b in zip(fused[1], generic[1]): np.testing.assert_allclose(a, b, **tol)
