@@ -145,6 +145,30 @@ def test_several_row_swiglu_kernel_matches_numpy(dtype):
   np.testing.assert_allclose(got, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-5)
 
 
+def test_silu_mul_kernel_matches_numpy_over_the_whole_exp_range():
+  rng = np.random.default_rng(8)
+  g = np.concatenate([np.linspace(-120, 120, 37), rng.standard_normal(74) * 6]).astype(np.float32).reshape(3, 37)
+  u = rng.standard_normal((3, 37)).astype(np.float32)   # 37 = 4 vectors of 8 and a tail of 5 per row
+  got = cpu_kernels.silu_mul(Tensor(g, device=DEV), Tensor(u, device=DEV)).numpy()
+  g64 = g.astype(np.float64)
+  np.testing.assert_allclose(got, g64 / (1 + np.exp(-g64)) * u, rtol=2e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("mode,dequant", [("int8", _np_dequant_q8_0), ("int4", _np_dequant_q4_0)])
+def test_quantized_feed_forward_of_several_rows_matches_numpy(mode, dequant):
+  from tinyllama2.config import ModelArgs
+  from tinyllama2.model import FeedForward
+  rng = np.random.default_rng(9)
+  ff = FeedForward(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=8, hidden_dim=96), dtypes.float32, DEV)
+  for name in ("w1", "w2", "w3"):
+    w = rng.standard_normal(getattr(ff, name).weight.shape).astype(np.float32)
+    setattr(ff, name, QuantLinear.from_float(Tensor(w, device=DEV), mode))
+  x = rng.standard_normal((1, 5, 64)).astype(np.float32)
+  w1, w2, w3 = (dequant(q.packed.numpy(), q.scale.numpy()) for q in (ff.w1, ff.w2, ff.w3))
+  g, u = x[0].astype(np.float64) @ w1.T, x[0].astype(np.float64) @ w3.T
+  np.testing.assert_allclose(ff(Tensor(x, device=DEV)).numpy()[0], (g / (1 + np.exp(-g)) * u) @ w2.T, rtol=1e-5, atol=1e-4)
+
+
 def _np_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, bias: np.ndarray) -> np.ndarray:
   """Causal attention in float64: query t of q [B, T, H, D] sees keys 0..start+t of k, v [B, KV, L, D]."""
   B, T, H, D = q.shape
@@ -204,6 +228,7 @@ def test_kernels_call_nothing_outside_themselves(monkeypatch):
     q = QuantLinear.from_float(w, mode)
     q(one.reshape(1, 64)), q(rows)
   cpu_kernels.matvec(one, w), cpu_kernels.matvec_swiglu(one, w, w), cpu_kernels.matmul_swiglu(rows, w, w)
+  cpu_kernels.silu_mul(rows, rows)   # exp of 8 lanes at once
   cpu_kernels.attention(Tensor.zeros(1, 2, 4, 16, device=DEV), cache, cache, 3)
   norm = (Tensor.ones(64, device=DEV).contiguous().realize(), 1e-5)   # RMSNorm takes a square root
   cpu_kernels.matvec_concat(one, [w], norm=norm, residual=Tensor.zeros(12, device=DEV)), cpu_kernels.matvec_swiglu(one, w, w, norm)

@@ -170,6 +170,8 @@ class FeedForward:
       gate_up = ((self.w1.packed, self.w1.scale), (self.w3.packed, self.w3.scale))
       if cpu_kernels.usable(x, self.w1.packed.dtype, x.device):
         return self.w2(cpu_kernels.matvec_blocks_swiglu(kind, x, *gate_up).reshape(*x.shape[:-1], -1).cast(x.dtype))
+      if cpu_kernels.matmul_usable(x, self.w1.packed.dtype, x.device):   # prefill: the two products, then SwiGLU
+        return self.w2(cpu_kernels.silu_mul(self.w1(x), self.w3(x)).cast(x.dtype))
       if gpu_kernels.usable(x, self.w1.packed) and (h := gpu_kernels.matvec_blocks_swiglu(kind, x, *gate_up)) is not None:
         return self.w2(h)
     return self.w2(_silu(self.w1(x)) * self.w3(x))
