@@ -214,3 +214,24 @@ def test_fused_decode_step_matches_the_layer_by_layer_graph(dtype, mode):
   for a, b in zip(fused[1], generic[1]): np.testing.assert_allclose(a, b, **tol)
   assert np.abs(fused[0]).max() > 1   # real logits, not zeros
   assert fused[2] == 6 * 2 + 3 < generic[2], (fused[2], generic[2])
+
+
+def test_decode_falls_back_to_the_generic_graph_when_the_fused_kernels_fail(monkeypatch):
+  """A device whose compiler rejects our kernels still decodes (with a warning naming the error), through tinygrad's
+  graph, with the logits that graph gives."""
+  from tinyllama2 import ModelArgs, Transformer
+  dev = _device()
+  args = ModelArgs(dim=256, n_layers=1, n_heads=8, n_kv_heads=4, vocab_size=96, hidden_dim=512)
+  def decode(fused: bool) -> tuple[np.ndarray, Transformer]:
+    m = Transformer(args, max_seq_len=16, dtype=dtypes.float32, device=dev)
+    m.init_random(seed=1, std=0.2)
+    if not fused: m._decode_step_fused = lambda x, pos: None
+    m.prefill(Tensor([[3, 17, 42]], device=dev), 0).realize()
+    return np.concatenate([m._runtime.decode(tok, 3 + i).numpy() for i, tok in enumerate([5, 9])]), m
+  want, _ = decode(fused=False)
+  def failing_build(*args, **kwargs): raise RuntimeError("simulated compile error")
+  monkeypatch.setattr(gpu_kernels, "decode_attention", failing_build)
+  with pytest.warns(UserWarning, match="simulated compile error"):
+    got, m = decode(fused=True)
+  assert not m._runtime.fused_decode
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

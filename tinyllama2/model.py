@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 # read before tinygrad picks its default device: it then writes DEV into the environment itself
 _USER_DEV = os.environ.get("DEV")
@@ -351,7 +352,7 @@ class Transformer:
     big GPUs the per-kernel cost is a large part of a step. None when some layer needs the general path (LoRA,
     bf16, a mix of float and quantized layers, a GPU shape the kernels do not split)."""
     on_cpu = cpu_kernels.available(self.device)
-    if TRAINING or self.dtype not in (dtypes.float32, dtypes.float16) or not (on_cpu or gpu_kernels.available(self.device)):
+    if not self._runtime.fused_decode or TRAINING or self.dtype not in (dtypes.float32, dtypes.float16) or not (on_cpu or gpu_kernels.available(self.device)):
       return None
     head = self.output if self.output is not None else Linear.wrap(self.tok_embeddings.weight)
     plans = [layer.decode_weights() for layer in self.layers]
@@ -390,8 +391,8 @@ class Transformer:
 
 class _Runtime:
   """Per-model state that is not a parameter: RoPE tables, KV caches and the compiled decode step."""
-  __slots__ = ("model", "cos", "sin", "_caches", "decode_jit", "decode_replay", "prefill_jits", "pos_var", "tok_var",
-               "last_var", "batch_jit", "reorder_jit")
+  __slots__ = ("model", "cos", "sin", "_caches", "decode_jit", "decode_replay", "fused_decode", "prefill_jits", "pos_var",
+               "tok_var", "last_var", "batch_jit", "reorder_jit")
 
   def __init__(self, model: Transformer):
     a = model.args
@@ -401,6 +402,7 @@ class _Runtime:
     self._caches: list[KVCache] | None = None
     self.decode_jit = TinyJit(lambda tok, pos: model.decode_step(tok, pos).realize())
     self.decode_replay: Replay | None | bool = None   # False: the captured step is not one Replay handles
+    self.fused_decode = True   # False once the fused GPU decode kernels failed on this device
     self.batch_jit = TinyJit(lambda toks, pos, bias: model.decode_batch(toks, pos, bias).realize())
     self.reorder_jit = TinyJit(model.reorder_cache)
     self.prefill_jits: dict[int, TinyJit] = {}
@@ -419,7 +421,17 @@ class _Runtime:
     if self.decode_replay is None and self.decode_jit.captured is not None:
       self.decode_replay = Replay.of(self.decode_jit, (self.tok_var, self.pos_var)) or False
     if self.decode_replay: return self.decode_replay(token, pos)
-    return self.decode_jit(self.tok_var.bind(token), self.pos_var.bind(pos))
+    args = (self.tok_var.bind(token), self.pos_var.bind(pos))
+    device = self.model.device
+    if self.decode_jit.captured is not None or not self.fused_decode or cpu_kernels.available(device):
+      return self.decode_jit(*args)
+    try: return self.decode_jit(*args)
+    except Exception as e:   # the GPU kernels are ours, tinygrad's graph is not: a device that can't build them still decodes
+      warnings.warn(f"the fused decode kernels failed on {device} ({type(e).__name__}: {str(e)[:300]}); decoding with "
+                    "tinygrad's generic kernels instead (slower)", stacklevel=2)
+      self.fused_decode = False
+      self.decode_jit.reset()
+      return self.decode_jit(*args)
 
   def reset_jits(self) -> None:
     self.decode_jit.reset()
