@@ -39,3 +39,31 @@ def test_gb_s_of_our_cpu_kernels_from_their_names():
   assert _custom_kernel_gb_s("norm_matvec3_q8_0_864_288", 1.0) == 864 * 288 * 34 / 32 / 1e3   # RMSNorm fused in
   assert _custom_kernel_gb_s("matvec_f16_288_768_res", 1.0) == 288 * 768 * 2 / 1e3            # residual fused in
   assert _custom_kernel_gb_s("r_16_18", 1.0) is None
+
+
+def test_a_device_named_with_its_compiler_is_benched_with_dev_set(monkeypatch):
+  """tinygrad takes the CPU's compiler from DEV (CPU:LLVM), not from a device name: bench must set DEV for it,
+  even when it is the only row."""
+  import argparse
+  import dataclasses
+  import json
+  import subprocess
+  from tinyllama2 import benchmark
+  from tinyllama2.benchmark import _runs_here, add_bench_args, main
+  monkeypatch.delenv("DEV", raising=False)
+  assert _runs_here(None) and _runs_here("CPU") and _runs_here("CL:1") and not _runs_here("CPU:LLVM")
+  monkeypatch.setattr(benchmark, "measure_read_bandwidth", lambda: 10.0)
+  seen = []
+  row = BenchResult(model="stories260K", device="CPU:LLVM", dtype="float32", params_m=1, weight_mb=1, prefill_tok_s=1,
+                    decode_tok_s=1, ttft_cold_s=1, ttft_warm_s=1, peak_rss_mb=1, device_mem_mb=0, bandwidth_gb_s=10,
+                    decode_frac_of_bw=0.1, kernels_per_token=1)
+  def fake_run(cmd, env=None, **kwargs):
+    seen.append((cmd, env))
+    return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps([dataclasses.asdict(row)]), stderr="")
+  monkeypatch.setattr(subprocess, "run", fake_run)
+  p = argparse.ArgumentParser()
+  add_bench_args(p)
+  rows = main(p.parse_args(["--model", "stories260K", "--device", "CPU:LLVM", "--json", "-"]))
+  assert rows == [row] and len(seen) == 1
+  cmd, env = seen[0]
+  assert env["DEV"] == "CPU:LLVM" and cmd[cmd.index("--device") + 1] == "CPU:LLVM"

@@ -5,10 +5,12 @@ from pathlib import Path
 
 # tinygrad 0.14 launches CPU kernels one by one from Python (~30-50 us each, ~130 per decoded token) unless its
 # HCQ2 queue runtime is on (~7 us each: a worker thread runs the captured command ring). tinygrad reads the switch
-# once, when it is imported, so it is set here, for CPU runs only, unless the user chose a value or imported
-# tinygrad first.
-if "tinygrad" not in sys.modules and os.environ.get("DEV", "CPU").split(":")[0].upper() == "CPU":
+# once, when it is imported, so it is set here, for CPU runs with the default clang compiler only (its queue
+# program does not render with LLVM: DEV=CPU:LLVM), unless the user chose a value or imported tinygrad first.
+_device, _, _compiler = os.environ.get("DEV", "CPU").upper().partition(":")
+if "tinygrad" not in sys.modules and _device == "CPU" and _compiler in ("", "CLANG"):
   os.environ.setdefault("HCQ2", "1")
+del _device, _compiler
 
 from .config import ModelArgs  # noqa: E402
 from .generate import Generation, GenerationConfig  # noqa: E402

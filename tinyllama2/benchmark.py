@@ -327,10 +327,19 @@ def _bench_in_subprocess(a: argparse.Namespace, model: str, device: str | None, 
          str(a.beam), "--repeats", str(a.repeats), "--json", "-"] + (["--device", device] if device else []) + \
         (["--tokenizer", a.tokenizer] if a.tokenizer else []) + (["--profile"] if a.profile else []) + \
         (["--threads", str(threads)] if threads else []) + (["--llama-cpp", a.llama_cpp] if a.llama_cpp else [])
-  run = subprocess.run(cmd, capture_output=True, text=True)
-  if run.returncode != 0: raise RuntimeError(f"bench of {model} {dtype} {quantize or ''} failed:\n{run.stderr[-2000:]}")
+  run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, DEV=device) if device else None)
+  if run.returncode != 0: raise RuntimeError(f"bench of {model} {dtype}{'+' + quantize if quantize else ''} on "
+                                               f"{device or 'the default device'} failed:\n{run.stderr[-2000:]}")
   if a.profile: print(run.stdout[:run.stdout.index("[")], end="")
   return BenchResult(**json.loads(run.stdout[run.stdout.index("["):])[0])
+
+
+def _runs_here(device: str | None) -> bool:
+  """Whether this process can bench `device`: tinygrad 0.14 takes a device's compiler from DEV when it opens the
+  device (DEV=CPU:LLVM: LLVM instead of clang) and ignores it in a device name, so such a device gets a process
+  of its own with DEV set."""
+  if device is None or ":" not in device or device.split(":", 1)[1].isdigit(): return True
+  return os.environ.get("DEV") == device
 
 
 def main(a: argparse.Namespace) -> list[BenchResult]:
@@ -341,16 +350,23 @@ def main(a: argparse.Namespace) -> list[BenchResult]:
   bw = measure_read_bandwidth()
   quants = [None if q == "none" else q for q in (a.quantize or ["none"])]
   combos = [(m, d, t, q, n) for m in models for d in devices for t in dtypes_ for q in quants for n in a.threads or [None]]
-  rows = []
+  rows, failed = [], []
   for m, d, t, q, n in tqdm(combos, desc="bench", file=sys.stderr, disable=len(combos) < 2):
-    if len(combos) == 1:
+    if len(combos) == 1 and _runs_here(d):
       rows.append(bench_one(m, d, t, a.prompt_len, a.new_tokens, bandwidth=bw, tokenizer=a.tokenizer, quantize=q,
                             profile=a.profile, beam=a.beam, threads=n, llama_cpp=a.llama_cpp, repeats=a.repeats))
-    else: rows.append(_bench_in_subprocess(a, m, d, t, q, n))
+      continue
+    try: rows.append(_bench_in_subprocess(a, m, d, t, q, n))
+    except RuntimeError as e:   # one backend that fails (a driver, a compiler) must not lose the other rows
+      if len(combos) == 1: raise
+      lines = str(e).splitlines()
+      failed.append(lines[0] + " " + next((x for x in reversed(lines) if "Error" in x), lines[-1]).strip())
+      print(failed[-1], file=sys.stderr)
   if a.json == "-": print(json.dumps([asdict(r) for r in rows], indent=2))
   else:
     print(format_table(rows))
     print(f"CPU read bandwidth (numpy, all cores): {bw:.1f} GB/s; GPU rows use a bandwidth measured on the device")
+    for f in failed: print(f"not benched: {f}")
     if a.json:
       from .fileio import write_text
       write_text(a.json, json.dumps([asdict(r) for r in rows], indent=2))
