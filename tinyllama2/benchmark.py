@@ -208,7 +208,7 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
   """One model × dtype × quantization. Prefill and decode are the best of `repeats` warm runs (and llama.cpp's
   too): on a shared 2-core machine one run of a small model varies by ±20%, mostly downwards."""
   from tinygrad import GlobalCounters
-  from . import cpu_threads
+  from . import cpu_kernels, cpu_threads
   if threads is not None: cpu_threads.set_threads(threads)
   llm = build_model(model, device, dtype, prompt_len + new_tokens + 1, tokenizer, quantize)
   m, dec = llm.model, llm.decoder
@@ -254,7 +254,7 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
                      ttft_warm_s=ttft_warm, peak_rss_mb=peak_rss_mb,
                      device_mem_mb=GlobalCounters.mem_used / 1e6, bandwidth_gb_s=bw,
                      decode_frac_of_bw=weight_bytes * decode / (bw * 1e9), kernels_per_token=kernels,
-                     threads=cpu_threads.config.threads if m.device.startswith("CPU") else 1,
+                     threads=cpu_threads.config.threads if cpu_kernels.available(m.device) else 1,   # our kernels' helpers
                      llama_cpp_prefill_tok_s=reference[0], llama_cpp_decode_tok_s=reference[1])
 
 
@@ -327,7 +327,7 @@ def _bench_in_subprocess(a: argparse.Namespace, model: str, device: str | None, 
          str(a.beam), "--repeats", str(a.repeats), "--json", "-"] + (["--device", device] if device else []) + \
         (["--tokenizer", a.tokenizer] if a.tokenizer else []) + (["--profile"] if a.profile else []) + \
         (["--threads", str(threads)] if threads else []) + (["--llama-cpp", a.llama_cpp] if a.llama_cpp else [])
-  run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, DEV=device) if device else None)
+  run = subprocess.run(cmd, capture_output=True, text=True, env=_device_env(device) if device else None)
   if run.returncode != 0: raise RuntimeError(f"bench of {model} {dtype}{'+' + quantize if quantize else ''} on "
                                                f"{device or 'the default device'} failed:\n{run.stderr[-2000:]}")
   if a.profile: print(run.stdout[:run.stdout.index("[")], end="")
@@ -340,6 +340,15 @@ def _runs_here(device: str | None) -> bool:
   of its own with DEV set."""
   if device is None or ":" not in device or device.split(":", 1)[1].isdigit(): return True
   return os.environ.get("DEV") == device
+
+
+def _device_env(device: str) -> dict[str, str]:
+  """The environment of a process that benches `device`: DEV names it (with its compiler), and HCQ2, which tinygrad
+  0.14 cannot run with a compiler other than clang, is dropped for those."""
+  env = dict(os.environ, DEV=device)
+  compiler = device.upper().partition(":")[2]
+  if compiler and not compiler.isdigit() and compiler != "CLANG": env.pop("HCQ2", None)
+  return env
 
 
 def main(a: argparse.Namespace) -> list[BenchResult]:
