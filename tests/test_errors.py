@@ -83,3 +83,11 @@ def test_context_beyond_trained_warns():
   with pytest.warns(UserWarning, match="beyond the trained context 512"):
     llm = Llama.from_pretrained(STORIES, max_seq_len=1024)
   assert llm.model.max_seq_len == 1024
+
+
+def test_a_compiler_in_the_device_name_asks_for_dev():
+  """tinygrad 0.14 takes the CPU's compiler from DEV at start-up only: device="CPU:LLVM" would run clang silently."""
+  from tinyllama2.model import resolve_device
+  with pytest.raises(ValueError, match="DEV=CPU:LLVM"):
+    resolve_device("CPU:LLVM")
+  assert resolve_device("CPU") == "CPU"

@@ -28,6 +28,11 @@ def resolve_device(device: str | None) -> str:
   """An explicit device, else the environment's DEV, else CPU (tinygrad alone would pick any GPU it finds)."""
   from tinygrad import Device
   name = device or _USER_DEV or "CPU"
+  compiler = name.partition(":")[2]
+  if compiler and not compiler.isdigit() and name.upper() != (_USER_DEV or "").upper():
+    # tinygrad reads the compiler from DEV once, at start-up: in a device name it would be ignored without a word
+    raise ValueError(f"device {name!r} names a compiler, which tinygrad takes only from the environment: run with "
+                     f"DEV={name} instead")
   try: return Device.canonicalize(name)
   except Exception as e: raise ValueError(f"unknown device {name!r} ({e})") from None
 
