@@ -254,7 +254,7 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
                      ttft_warm_s=ttft_warm, peak_rss_mb=peak_rss_mb,
                      device_mem_mb=GlobalCounters.mem_used / 1e6, bandwidth_gb_s=bw,
                      decode_frac_of_bw=weight_bytes * decode / (bw * 1e9), kernels_per_token=kernels,
-                     threads=cpu_threads.config.threads if cpu_kernels.available(m.device) else 1,   # our kernels' helpers
+                     threads=cpu_threads.config.threads if cpu_kernels.available(m.device) else 1,
                      llama_cpp_prefill_tok_s=reference[0], llama_cpp_decode_tok_s=reference[1])
 
 

@@ -357,8 +357,8 @@ class Transformer:
     big GPUs the per-kernel cost is a large part of a step. None when some layer needs the general path (LoRA,
     bf16, a mix of float and quantized layers, a GPU shape the kernels do not split)."""
     on_cpu = cpu_kernels.available(self.device)
-    if not self._runtime.fused_decode or TRAINING or self.dtype not in (dtypes.float32, dtypes.float16) or not (on_cpu or gpu_kernels.available(self.device)):
-      return None
+    if not self._runtime.fused_decode or TRAINING or self.dtype not in (dtypes.float32, dtypes.float16) \
+       or not (on_cpu or gpu_kernels.available(self.device)): return None
     head = self.output if self.output is not None else Linear.wrap(self.tok_embeddings.weight)
     plans = [layer.decode_weights() for layer in self.layers]
     head_weights = _fused_weights((head,))
