@@ -338,16 +338,16 @@ def _runs_here(device: str | None) -> bool:
   """Whether this process can bench `device`: tinygrad 0.14 takes a device's compiler from DEV when it opens the
   device (DEV=CPU:LLVM: LLVM instead of clang) and ignores it in a device name, so such a device gets a process
   of its own with DEV set."""
-  if device is None or ":" not in device or device.split(":", 1)[1].isdigit(): return True
-  return os.environ.get("DEV") == device
+  from .model import named_compiler
+  return device is None or not named_compiler(device) or os.environ.get("DEV") == device
 
 
 def _device_env(device: str) -> dict[str, str]:
   """The environment of a process that benches `device`: DEV names it (with its compiler), and HCQ2, which tinygrad
   0.14 cannot run with a compiler other than clang, is dropped for those."""
+  from .model import named_compiler
   env = dict(os.environ, DEV=device)
-  compiler = device.upper().partition(":")[2]
-  if compiler and not compiler.isdigit() and compiler != "CLANG": env.pop("HCQ2", None)
+  if named_compiler(device) not in ("", "CLANG"): env.pop("HCQ2", None)
   return env
 
 

@@ -393,10 +393,11 @@ def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor,
   (the new key rotated on the fly, older keys from the cache); the second the softmax and the weighted sum of
   values, and the first query head of each kv head stores the new cache row. tinygrad's lazy graph does not
   order anything after that store (the cache outputs of the kernel are unused): nothing else in a decode step
-  reads the cache, and every read of row start_pos in this step takes the new values from qkv (rounded to the cache dtype, as a cache read would give). `position` is any tensor computed
-  from the bound start_pos (the decode step's int32 [1] buffer of it): the kernels take it as an input so that the
-  Variable is in the graph and tinygrad knows its value at launch. Replaces the RoPE of q, the
-  two cache writes and the scores/values kernels of `attention`'s path (five kernels) with two."""
+  reads the cache, and every read of row start_pos in this step takes the new values from qkv (rounded to the
+  cache dtype, as a cache read would give). `position` is any tensor computed from the bound start_pos (the decode
+  step's int32 [1] buffer of it): the kernels take it as an input so that the Variable is in the graph and tinygrad
+  knows its value at launch. Replaces the RoPE of q, the two cache writes and the scores/values kernels of
+  `attention`'s path (five kernels) with two."""
   _, KV, max_len, D = cache_k.shape
   H = n_heads
   group, scale, cdt = H // KV, 1.0 / math.sqrt(D), cache_k.dtype
@@ -432,7 +433,7 @@ def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor,
     stores = UOp.group(out[h, d].store((acc / total).cast(qkv.dtype)),
                        vp[0, g, pos, d.valid(writes)].store(new_v),
                        kp[0, g, pos, d.valid(writes)].store(odd.eq(0).where(k0, k1).cast(cdt)))
-    opts = (Opt(OptOps.UPCAST, 2, 2), Opt(OptOps.LOCAL, 1, _largest_divisor(D // 2, 32)))
+    opts = (Opt(OptOps.UPCAST, 2, 2), Opt(OptOps.LOCAL, 1, threads))
     return stores.end(h, i, odd).sink(arg=KernelInfo(name=f"gpu_rope_attn_values_{H}_{D}", opts_to_apply=opts))
 
   qkv = qkv.reshape(-1)

@@ -24,12 +24,17 @@ from .jit_replay import Replay  # noqa: E402
 from .rope import rope_tables  # noqa: E402
 
 
+def named_compiler(device: str) -> str:
+  """The compiler a device name carries ("CPU:LLVM" → "LLVM"), "" for none (a plain name, or "CL:1" naming a unit)."""
+  suffix = device.partition(":")[2].upper()
+  return "" if suffix.isdigit() else suffix
+
+
 def resolve_device(device: str | None) -> str:
   """An explicit device, else the environment's DEV, else CPU (tinygrad alone would pick any GPU it finds)."""
   from tinygrad import Device
   name = device or _USER_DEV or "CPU"
-  compiler = name.partition(":")[2]
-  if compiler and not compiler.isdigit() and name.upper() != (_USER_DEV or "").upper():
+  if named_compiler(name) and name.upper() != (_USER_DEV or "").upper():
     # tinygrad reads the compiler from DEV once, at start-up: in a device name it would be ignored without a word
     raise ValueError(f"device {name!r} names a compiler, which tinygrad takes only from the environment: run with "
                      f"DEV={name} instead")
@@ -428,10 +433,9 @@ class _Runtime:
     if self.decode_replay: return self.decode_replay(token, pos)
     args = (self.tok_var.bind(token), self.pos_var.bind(pos))
     device = self.model.device
-    if self.decode_jit.captured is not None or not self.fused_decode or cpu_kernels.available(device):
-      return self.decode_jit(*args)
     try: return self.decode_jit(*args)
     except Exception as e:   # the GPU kernels are ours, tinygrad's graph is not: a device that can't build them still decodes
+      if self.decode_jit.captured is not None or not self.fused_decode or cpu_kernels.available(device): raise
       warnings.warn(f"the fused decode kernels failed on {device} ({type(e).__name__}: {str(e)[:300]}); decoding with "
                     "tinygrad's generic kernels instead (slower)", stacklevel=2)
       self.fused_decode = False
