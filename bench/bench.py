@@ -8,10 +8,10 @@ if "--profile" in sys.argv:
   # asynchronously on a worker thread and DEBUG=2 cannot time them one by one
   os.environ.setdefault("HCQ2", "0")
 
-from tinyllama2.benchmark import add_bench_args, main  # noqa: E402
 from tinyllama2.cli import run_cli  # noqa: E402
+from tinyllama2.cli.bench import add_args, main  # noqa: E402
 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(description=__doc__)
-  add_bench_args(parser)
+  add_args(parser)
   sys.exit(run_cli(main, parser.parse_args()))

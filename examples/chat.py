@@ -8,7 +8,9 @@ import argparse
 import sys
 
 from tinyllama2 import DEFAULT_MODEL
-from tinyllama2.cli import chat_loop, load_model, run_cli
+from tinyllama2.cli import run_cli
+from tinyllama2.cli.chat import chat_loop
+from tinyllama2.cli.common import load_model
 
 
 def main() -> int:

@@ -9,7 +9,8 @@ model with `tinyllama2 merge --model MODEL --adapter OUT/adapter --out MERGED`.
 import argparse
 import sys
 
-from tinyllama2.cli import add_finetune_args, finetune_options, run_cli
+from tinyllama2.cli import run_cli
+from tinyllama2.cli.finetune import add_args as add_finetune_args, finetune_options
 
 
 def run(a: argparse.Namespace) -> None:

@@ -7,7 +7,8 @@ The model lands in OUT/model (a Hugging Face directory): python examples/chat.py
 import argparse
 import sys
 
-from tinyllama2.cli import add_pretrain_args, pretrain_options, run_cli
+from tinyllama2.cli import run_cli
+from tinyllama2.cli.pretrain import add_args as add_pretrain_args, pretrain_options
 from tinyllama2.train.recipes import pretrain
 
 

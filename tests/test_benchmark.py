@@ -48,12 +48,12 @@ def test_a_device_named_with_its_compiler_is_benched_with_dev_set(monkeypatch):
   import dataclasses
   import json
   import subprocess
-  from tinyllama2 import benchmark
-  from tinyllama2.benchmark import _runs_here, add_bench_args, main
+  from tinyllama2.cli import bench
+  from tinyllama2.cli.bench import _runs_here, add_args as add_bench_args, main
   monkeypatch.delenv("DEV", raising=False)
   monkeypatch.setenv("HCQ2", "1")   # as tinyllama2 sets it for the clang CPU
   assert _runs_here(None) and _runs_here("CPU") and _runs_here("CL:1") and not _runs_here("CPU:LLVM")
-  monkeypatch.setattr(benchmark, "measure_read_bandwidth", lambda: 10.0)
+  monkeypatch.setattr(bench, "measure_read_bandwidth", lambda: 10.0)
   seen = []
   row = BenchResult(model="stories260K", device="CPU:LLVM", dtype="float32", params_m=1, weight_mb=1, prefill_tok_s=1,
                     decode_tok_s=1, ttft_cold_s=1, ttft_warm_s=1, peak_rss_mb=1, device_mem_mb=0, bandwidth_gb_s=10,

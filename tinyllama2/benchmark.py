@@ -1,21 +1,20 @@
 """Benchmark: prefill and decode tokens/s, first-token latency (cold and warm), memory, bandwidth fraction.
 
 Numbers are reported against the machine's own read bandwidth (measured with numpy in the same process),
-so a decode figure reads as "fraction of what memory allows".
+so a decode figure reads as "fraction of what memory allows". The command line (`tinyllama2 bench`, bench/bench.py)
+is cli/bench.py.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
 import os
 import re
 import resource
-import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -295,88 +294,3 @@ def _reference_cells(r: BenchResult) -> list[str]:
   return [f"{r.llama_cpp_prefill_tok_s:.1f}", f"{r.llama_cpp_decode_tok_s:.1f}",
           f"{r.prefill_tok_s / r.llama_cpp_prefill_tok_s:.2f}", f"{r.decode_tok_s / r.llama_cpp_decode_tok_s:.2f}"]
 
-
-def add_bench_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--model", action="append", help=f"model path, or a random-weight shape: {', '.join(SHAPES)} "
-                 "(repeatable; default stories15M)")
-  p.add_argument("--shape", action="append", help="alias of --model for a named shape")
-  p.add_argument("--tokenizer", help="tokenizer.model for a model path (not needed for benchmarking)")
-  p.add_argument("--device", action="append", help="tinygrad device(s) (repeatable; default $DEV, else CPU)")
-  p.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"], help="dtype(s) (repeatable)")
-  p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for prefill")
-  p.add_argument("--new-tokens", type=int, default=128, help="decode steps")
-  p.add_argument("--quantize", action="append", choices=["none", "int8", "int4"], help="weight quantization(s)")
-  p.add_argument("--profile", action="store_true", help="print the kernels of one decode step with time and GB/s "
-                 "(per-kernel times need HCQ2=0 in the environment; bench/bench.py sets it)")
-  p.add_argument("--beam", type=int, default=0,
-                 help="compile decode with tinygrad BEAM search of this width (use after `tinyllama2 tune`)")
-  p.add_argument("--threads", type=int, action="append",
-                 help="threads per CPU decode kernel (repeatable, to compare; default: every core, at most 8)")
-  p.add_argument("--repeats", type=int, default=3, help="timed runs per row (and per llama.cpp reference); the best counts")
-  p.add_argument("--json", help="also write results as JSON to this file ('-' for stdout only)")
-  p.add_argument("--llama-cpp", metavar="PYTHON", help="also run llama.cpp on the same weights, prompt and threads "
-                 "with this Python, which has llama-cpp-python installed (CPU rows; int8/int4 as Q8_0/Q4_0)")
-
-
-def _bench_in_subprocess(a: argparse.Namespace, model: str, device: str | None, dtype: str,
-                         quantize: str | None, threads: int | None) -> BenchResult:
-  """One combination in a fresh process: its peak memory is its own and no model's buffers outlive its run."""
-  import subprocess
-  cmd = [sys.executable, "-m", "tinyllama2.cli", "bench", "--model", model, "--dtype", dtype, "--quantize",
-         quantize or "none", "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens), "--beam",
-         str(a.beam), "--repeats", str(a.repeats), "--json", "-"] + (["--device", device] if device else []) + \
-        (["--tokenizer", a.tokenizer] if a.tokenizer else []) + (["--profile"] if a.profile else []) + \
-        (["--threads", str(threads)] if threads else []) + (["--llama-cpp", a.llama_cpp] if a.llama_cpp else [])
-  run = subprocess.run(cmd, capture_output=True, text=True, env=_device_env(device) if device else None)
-  if run.returncode != 0: raise RuntimeError(f"bench of {model} {dtype}{'+' + quantize if quantize else ''} on "
-                                               f"{device or 'the default device'} failed:\n{run.stderr[-2000:]}")
-  if a.profile: print(run.stdout[:run.stdout.index("[")], end="")
-  return BenchResult(**json.loads(run.stdout[run.stdout.index("["):])[0])
-
-
-def _runs_here(device: str | None) -> bool:
-  """Whether this process can bench `device`: tinygrad 0.14 takes a device's compiler from DEV when it opens the
-  device (DEV=CPU:LLVM: LLVM instead of clang) and ignores it in a device name, so such a device gets a process
-  of its own with DEV set."""
-  from .model import named_compiler
-  return device is None or not named_compiler(device) or os.environ.get("DEV") == device
-
-
-def _device_env(device: str) -> dict[str, str]:
-  """The environment of a process that benches `device`: DEV names it (with its compiler), and HCQ2, which tinygrad
-  0.14 cannot run with a compiler other than clang, is dropped for those."""
-  from .model import named_compiler
-  env = dict(os.environ, DEV=device)
-  if named_compiler(device) not in ("", "CLANG"): env.pop("HCQ2", None)
-  return env
-
-
-def main(a: argparse.Namespace) -> list[BenchResult]:
-  from tqdm import tqdm
-  if a.repeats < 1: raise SystemExit(f"--repeats must be at least 1, got {a.repeats}")
-  models = (a.model or []) + (a.shape or []) or ["stories15M"]
-  devices, dtypes_ = a.device or [None], a.dtype or ["float32"]
-  bw = measure_read_bandwidth()
-  quants = [None if q == "none" else q for q in (a.quantize or ["none"])]
-  combos = [(m, d, t, q, n) for m in models for d in devices for t in dtypes_ for q in quants for n in a.threads or [None]]
-  rows, failed = [], []
-  for m, d, t, q, n in tqdm(combos, desc="bench", file=sys.stderr, disable=len(combos) < 2):
-    if len(combos) == 1 and _runs_here(d):
-      rows.append(bench_one(m, d, t, a.prompt_len, a.new_tokens, bandwidth=bw, tokenizer=a.tokenizer, quantize=q,
-                            profile=a.profile, beam=a.beam, threads=n, llama_cpp=a.llama_cpp, repeats=a.repeats))
-      continue
-    try: rows.append(_bench_in_subprocess(a, m, d, t, q, n))
-    except RuntimeError as e:   # one backend that fails (a driver, a compiler) must not lose the other rows
-      if len(combos) == 1: raise
-      lines = str(e).splitlines()
-      failed.append(lines[0] + " " + next((x for x in reversed(lines) if "Error" in x), lines[-1]).strip())
-      print(failed[-1], file=sys.stderr)
-  if a.json == "-": print(json.dumps([asdict(r) for r in rows], indent=2))
-  else:
-    print(format_table(rows))
-    print(f"CPU read bandwidth (numpy, all cores): {bw:.1f} GB/s; GPU rows use a bandwidth measured on the device")
-    for f in failed: print(f"not benched: {f}")
-    if a.json:
-      from .fileio import write_text
-      write_text(a.json, json.dumps([asdict(r) for r in rows], indent=2))
-  return rows

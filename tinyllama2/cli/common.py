@@ -1,0 +1,100 @@
+"""Arguments shared by several subcommands: the model to load, sampling, training."""
+from __future__ import annotations
+
+import argparse
+import json
+
+DEFAULT_MODEL_HELP = "model: a Hugging Face or Meta directory, a .gguf file or a llama2.c .bin"
+
+
+def parse_rope_scaling(text: str | None) -> dict | None:
+  """'linear:2', 'dynamic:4' or a JSON object as in config.json."""
+  if text is None: return None
+  if text.lstrip().startswith("{"):
+    try: return json.loads(text)
+    except json.JSONDecodeError as e: raise ValueError(f"--rope-scaling: invalid JSON ({e})") from None
+  kind, _, factor = text.partition(":")
+  try: return {"type": kind, "factor": float(factor)}
+  except ValueError: raise ValueError(f"--rope-scaling: expected TYPE:FACTOR (e.g. linear:2) or JSON, got {text!r}") from None
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+  p.add_argument("--model", required=required, help=DEFAULT_MODEL_HELP)
+  p.add_argument("--tokenizer", help="tokenizer.model path when it is not beside the weights")
+  p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory to apply")
+  p.add_argument("--device", help="tinygrad device, e.g. CPU, CL, CUDA, METAL (default: $DEV, else CPU)")
+  p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: as stored)")
+  p.add_argument("--max-seq-len", type=int, help="context length (default: the checkpoint's trained context)")
+  p.add_argument("--rope-scaling", help="override RoPE scaling: TYPE:FACTOR (linear, dynamic, llama3, yarn) or JSON")
+  p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization (Q8_0 / Q4_0 blocks of 32)")
+  p.add_argument("--beam", type=int, default=0, help="use decode kernels tuned by `tinyllama2 tune --beam N`")
+  p.add_argument("--threads", type=int, help="threads per CPU decode kernel (default: every core, at most 8)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most")
+  p.add_argument("--temperature", type=float, default=0.0,
+                 help="sampling temperature; 0 means greedy decoding (CLI only: the API raises instead)")
+  p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0 = off)")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set with this mass")
+  p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × the top probability")
+  p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for tokens already seen (HF meaning)")
+  p.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling mass (1 = off)")
+  p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
+  p.add_argument("--min-new-tokens", type=int, default=0, help="suppress eos until this many new tokens")
+  p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style: logit -= count × this")
+  p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style: logit -= this if the token appeared")
+  p.add_argument("--penalty-last-n", type=int, default=64, help="window of the two penalties above (-1 = everything)")
+  p.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = off)")
+  p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob sum / length ** this")
+  p.add_argument("--early-stopping", choices=["true", "false", "never"], default="false", help="beam search stop rule (HF)")
+  p.add_argument("--num-return-sequences", type=int, default=1, help="sequences to return (generate --json)")
+  p.add_argument("--eos-token-id", type=int, action="append", help="end-of-sequence id (repeatable; default: the model's)")
+  p.add_argument("--seed", type=int, help="random seed for sampling")
+  p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_kwargs(a: argparse.Namespace) -> dict:
+  early = {"true": True, "false": False, "never": "never"}[a.early_stopping]
+  return dict(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0, temperature=a.temperature or 1.0,
+              top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed,
+              stop=a.stop or None, typical_p=a.typical_p, no_repeat_ngram_size=a.no_repeat_ngram_size,
+              min_new_tokens=a.min_new_tokens, frequency_penalty=a.frequency_penalty, presence_penalty=a.presence_penalty,
+              penalty_last_n=a.penalty_last_n, num_beams=a.num_beams, length_penalty=a.length_penalty,
+              early_stopping=early, eos_token_id=a.eos_token_id)
+
+
+def load_model(a: argparse.Namespace):
+  from .. import cpu_threads
+  from ..llama import Llama
+  if getattr(a, "threads", None) is not None: cpu_threads.set_threads(a.threads)
+  llm = Llama.from_pretrained(a.model, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
+                              max_seq_len=a.max_seq_len, rope_scaling=parse_rope_scaling(a.rope_scaling),
+                              quantize=getattr(a, "quantize", None), adapter=getattr(a, "adapter", None))
+  llm.decoder.beam = getattr(a, "beam", 0)
+  return llm
+
+
+def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
+  p.add_argument("--max-steps", type=int, default=steps, help="optimizer steps")
+  p.add_argument("--lr", type=float, default=lr, help="peak learning rate (after warmup)")
+  p.add_argument("--min-lr", type=float, help="final learning rate of the cosine schedule (default: lr/10)")
+  p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 5%% of max-steps)")
+  p.add_argument("--batch-size", type=int, default=batch, help="rows per micro-batch")
+  p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+  p.add_argument("--seq-len", type=int, default=256, help="tokens per row")
+  p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (not on norms)")
+  p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+  p.add_argument("--eval-every", type=int, default=100, help="held-out loss every N steps")
+  p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+  p.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout")
+  p.add_argument("--out", required=True, help="output folder (checkpoints, metrics, the trained model)")
+  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+  p.add_argument("--device", help="tinygrad device (default: $DEV, else CPU)")
+
+
+def train_config_kwargs(a: argparse.Namespace) -> dict:
+  return dict(max_steps=a.max_steps, lr=a.lr, min_lr=a.min_lr if a.min_lr is not None else a.lr / 10,
+              warmup_steps=a.warmup_steps if a.warmup_steps is not None else max(1, a.max_steps // 20),
+              batch_size=a.batch_size, grad_accum=a.grad_accum, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
+              eval_every=a.eval_every, save_every=a.save_every, seed=a.seed)
