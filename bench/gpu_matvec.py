@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GB/s of the one-row GPU kernels (tinyllama2/gpu_kernels.py) for llama2-7b's decode shapes, per schedule,
+"""GB/s of the one-row GPU kernels (tinyllama2/ops/gpu.py) for llama2-7b's decode shapes, per schedule,
 beside tinygrad's generic x @ W.T:  DEV=CUDA python bench/gpu_matvec.py
 
 Each timing runs one captured graph over enough distinct copies of the weight that they cannot sit in the L2
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tinygrad import Device, Tensor, TinyJit  # noqa: E402
 
-from tinyllama2 import gpu_kernels  # noqa: E402
+from tinyllama2.ops import gpu as gpu_kernels  # noqa: E402
 from tinyllama2.quantize import QuantLinear  # noqa: E402
 
 SHAPES = {"qo": (4096, 4096), "down": (4096, 11008), "gate_up": (11008, 4096), "head": (32000, 4096)}

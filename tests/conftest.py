@@ -45,19 +45,17 @@ def decode_steps_fused_and_layer_by_layer(args, dtype, mode: str | None, device:
   """Four decode steps of a seeded model (quantized by `mode`) after a 3-token prefill, once through the fused
   decode step and once through tinygrad's layer-by-layer graph: for each, (logits, KV caches as float32 arrays,
   kernels per decode step)."""
-  from tinygrad import Tensor
   from tinyllama2 import Transformer
   from tinyllama2.benchmark import _kernels_per_decode_step
+  from tinyllama2.decoder import Decoder
   from tinyllama2.quantize import quantize_model
   def run(fused: bool):
     m = Transformer(args, max_seq_len=24, dtype=dtype, device=device)
     m.init_random(seed=1, std=0.2)
     if mode: quantize_model(m, mode)
-    if not fused: m._decode_step_fused = lambda x, pos: None
-    rt, logits = m._runtime, []
-    m.prefill(Tensor([[3, 17, 42]], device=device), 0).realize()
-    for i, tok in enumerate([5, 9, 11, 12]):
-      logits.append(rt.decode_jit(rt.tok_var.bind(tok), rt.pos_var.bind(3 + i)).numpy())
-    caches = [c.k.float().numpy() for c in rt.caches(1)] + [c.v.float().numpy() for c in rt.caches(1)]
-    return np.concatenate(logits), caches, _kernels_per_decode_step(m, 13, 7)
+    dec, logits = Decoder(m, fused=fused, replay=False), []
+    dec.prefill([3, 17, 42], all_logits=True)
+    for i, tok in enumerate([5, 9, 11, 12]): logits.append(dec.decode_logits(tok, 3 + i).numpy())
+    caches = [c.k.float().numpy() for c in dec.caches(1)] + [c.v.float().numpy() for c in dec.caches(1)]
+    return np.concatenate(logits), caches, _kernels_per_decode_step(dec, 13, 7)
   return run(True), run(False)

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from tinygrad import Tensor, dtypes
-from tinyllama2 import cpu_kernels
-from tinyllama2.model import Linear, resolve_device
+from tinyllama2 import ops
+from tinyllama2.ops import cpu as cpu_kernels
+from tinyllama2.devices import resolve_device
+from tinyllama2.layers import Linear
 from tinyllama2.quantize import QuantLinear
 
 DEV = resolve_device(None)
@@ -49,8 +51,18 @@ def np_q8_0_activations(x: np.ndarray) -> np.ndarray:
   return (np.rint(b * inv[:, None]).astype(np.float64) * d.astype(np.float64)[:, None]).reshape(x.shape)
 
 
-@pytest.mark.parametrize("mode,kernel,dequant", [("int8", cpu_kernels.matvec_q8_0, _np_dequant_q8_0),
-                                                 ("int4", cpu_kernels.matvec_q4_0, _np_dequant_q4_0)])
+def _matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
+  """x [..., K] (one row) against Q8_0 blocks: packed int8 [N, K/32, 32], scale fp16 [N, K/32] → float32 [N]."""
+  return cpu_kernels.matvec_blocks("q8_0", x, [(packed, scale)])
+
+
+def _matvec_q4_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
+  """x [..., K] (one row) against Q4_0 blocks: packed uint8 [N, K/32, 16], scale fp16 [N, K/32] → float32 [N]."""
+  return cpu_kernels.matvec_blocks("q4_0", x, [(packed, scale)])
+
+
+@pytest.mark.parametrize("mode,kernel,dequant", [("int8", _matvec_q8_0, _np_dequant_q8_0),
+                                                 ("int4", _matvec_q4_0, _np_dequant_q4_0)])
 def test_block_matvec_matches_numpy_with_x_quantized_to_q8_0(mode, kernel, dequant):
   x, w = _x_w(24, 320, seed=1)
   x[:32] = 0   # a block of zeros (scale 0)
@@ -82,16 +94,14 @@ def test_fused_block_kernels_for_qkv_and_swiglu(mode, dequant):
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
 def test_layers_use_the_kernels_for_one_and_several_rows_and_match_numpy(mode):
   x, w = _x_w(16, 64, seed=2)
-  layer = Linear.wrap(Tensor(w, device=DEV).contiguous().realize()) if mode is None \
+  layer = Linear(Tensor(w, device=DEV).contiguous().realize()) if mode is None \
     else QuantLinear.from_float(Tensor(w, device=DEV), mode)
   w_np = w.astype(np.float64) if mode is None else \
     (_np_dequant_q8_0 if mode == "int8" else _np_dequant_q4_0)(layer.packed.numpy(), layer.scale.numpy())
   one = Tensor(x, device=DEV).reshape(1, 1, 64)
   xs = np.stack([x, -x, 2 * x])
   three = Tensor(xs, device=DEV).reshape(3, 1, 64)
-  w_dtype = dtypes.float32 if mode is None else layer.packed.dtype
-  assert cpu_kernels.usable(one, w_dtype, one.device) and not cpu_kernels.usable(three, w_dtype, three.device)
-  assert cpu_kernels.matmul_usable(three, w_dtype, three.device)
+  assert ops.route(one, [layer])[:2] == ("row", cpu_kernels) and ops.route(three, [layer])[:2] == ("rows", cpu_kernels)
   y1, y3 = layer(one).numpy(), layer(three).numpy()
   assert y1.shape == (1, 1, 16) and y3.shape == (3, 1, 16)
   np.testing.assert_allclose(y1[0, 0], w_np @ (x if mode is None else np_q8_0_activations(x)), rtol=1e-5, atol=1e-4)
@@ -159,7 +169,8 @@ def test_quantized_feed_forward_of_several_rows_matches_numpy(mode, dequant):
   from tinyllama2.config import ModelArgs
   from tinyllama2.model import FeedForward
   rng = np.random.default_rng(9)
-  ff = FeedForward(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=8, hidden_dim=96), dtypes.float32, DEV)
+  ff = FeedForward(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=8, hidden_dim=96),
+                   lambda n_in, n_out: Linear.empty(n_in, n_out, dtypes.float32, DEV))
   for name in ("w1", "w2", "w3"):
     w = rng.standard_normal(getattr(ff, name).weight.shape).astype(np.float32)
     setattr(ff, name, QuantLinear.from_float(Tensor(w, device=DEV), mode))
@@ -233,7 +244,7 @@ def test_kernels_call_nothing_outside_themselves(monkeypatch):
   norm = (Tensor.ones(64, device=DEV).contiguous().realize(), 1e-5)   # RMSNorm takes a square root
   cpu_kernels.matvec_concat(one, [w], norm=norm, residual=Tensor.zeros(12, device=DEV)), cpu_kernels.matvec_swiglu(one, w, w, norm)
   table = Tensor.ones(8, 8, device=DEV).contiguous().realize()
-  cpu_kernels.decode_attention(Tensor.zeros(64, device=DEV), cache, cache, table, table, Tensor([3], dtype=dtypes.int32, device=DEV), 2)
+  cpu_kernels.decode_attention(Tensor.zeros(64, device=DEV), cache, cache, table, table, 3, Tensor([3], dtype=dtypes.int32, device=DEV), 2)
   assert len(sources) >= 10
   compiler = ClangCompiler(["x86_64" if cpu_kernels.cpu_threads.supported() else "arm64", "native"])
   for src in sources:
@@ -303,7 +314,7 @@ def test_decode_attention_rotates_writes_the_cache_and_attends(dtype, head_dim):
   k_np, v_np = (h.astype(as_cache).astype(np.float64) for h in history)
   for pos in (5, 0, 11):
     qkv = rng.standard_normal((H + 2 * KV) * D).astype(np.float32)
-    got = cpu_kernels.decode_attention(Tensor(qkv, device=DEV), k_t, v_t, cos_t, sin_t,
+    got = cpu_kernels.decode_attention(Tensor(qkv, device=DEV), k_t, v_t, cos_t, sin_t, pos,
                                        Tensor([pos], dtype=dtypes.int32, device=DEV), H).numpy()
     c, s = np.cos(angles[pos]), np.sin(angles[pos])
     q = _np_rope(qkv[:H * D].reshape(H, D).astype(np.float64), c, s)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from tinygrad import Tensor, TinyJit, dtypes
-from tinyllama2 import cpu_kernels, cpu_threads
-from tinyllama2.model import resolve_device
+from tinyllama2.ops import cpu as cpu_kernels
+from tinyllama2.runtime import cpu_threads
+from tinyllama2.devices import resolve_device
 from tinyllama2.quantize import QuantLinear
 from test_cpu_kernels import np_q8_0_activations
 
@@ -56,7 +57,6 @@ def test_every_kernel_kind_with_helpers_matches_numpy_call_after_call():
   q8_w, q4_w = (q.dequantize(dtypes.float32).numpy().astype(np.float64) for q in (q8, q4))
   pool = cpu_threads.pool(DEV)
   assert pool is not None and len(pool.helpers) + pool.host_helps == cpu_threads.config.threads - 1
-  joined = pool.kernels_joined()
   for i in range(12):   # a captured graph replayed: helpers join kernels that follow each other closely
     xi = Tensor(x * (i + 1), device=DEV).reshape(1, 288).realize()
     outs = [o.numpy().reshape(-1) for o in step(xi)]
@@ -70,7 +70,33 @@ def test_every_kernel_kind_with_helpers_matches_numpy_call_after_call():
     for deq, out in ((g_half, outs[6]), (q4_w @ x64, outs[7])):
       np.testing.assert_allclose(out.reshape(5, 1000), np.outer(row_scale, deq) * (i + 1), rtol=1e-4, atol=3e-3 * (i + 1))
     np.testing.assert_allclose(outs[8], np.full(8192, x64.sum() * (i + 1)), rtol=1e-4, atol=1e-3 * (i + 1))
-  assert pool.kernels_joined() > joined, "no helper thread ever worked on a kernel"
+
+
+@pytest.mark.skipif(cpu_threads.config.threads < 2, reason="this machine has one core: no helper threads")
+def test_a_waiting_host_thread_computes_a_posted_kernel():
+  """Helper participation without depending on the OS scheduling a thread in time: a kernel's call is posted again
+  by hand (its output zeroed) and the test's own thread, waiting for a queue signal as the host does, must work on
+  it. On two cores the waiting host thread is the only helper, so it takes every chunk."""
+  x, w = _x_w(3000, 64, seed=8)
+  pool = cpu_threads.pool(DEV)
+  word = lambda i: ctypes.c_uint64.from_address(pool.address + 8 * i)
+  y = cpu_kernels.matvec(Tensor(x, device=DEV), Tensor(w, device=DEV).realize()).realize()
+  y.numpy()   # finished: its call (function and buffers) stays in the mailbox
+  while word(cpu_threads.STATE).value: pass   # the kernel releases the mailbox before the queue signals
+  out = word(cpu_threads.ARGS).value
+  ctypes.memset(out, 0, 3000 * 4)
+  joined, seq = pool.kernels_joined(), word(cpu_threads.SEQ).value + 1
+  word(cpu_threads.STATE).value, word(cpu_threads.NEXT).value, word(cpu_threads.DONE).value = 1, 0, 0
+  word(cpu_threads.CLAIM).value = seq << 8
+  word(cpu_threads.SEQ).value = seq   # posted, as a kernel's own thread posts itself
+  signal = ctypes.c_uint64(0)   # never reached: the wait returns after its time limit
+  assert cpu_threads._helper_library().tl_wait_helping(pool.address, ctypes.addressof(signal), 1, 0, 50_000_000) == 0
+  word(cpu_threads.CLAIM).value |= cpu_threads.CLOSED
+  while word(cpu_threads.DONE).value < (word(cpu_threads.CLAIM).value & (cpu_threads.CLOSED - 1)): pass
+  word(cpu_threads.STATE).value = 0
+  assert pool.kernels_joined() > joined, "the waiting thread did not work on the posted kernel"
+  got = np.ctypeslib.as_array((ctypes.c_float * 3000).from_address(out))
+  np.testing.assert_allclose(got, w.astype(np.float64) @ x.astype(np.float64), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(cpu_threads.config.threads < 2, reason="this machine has one core: no helper threads")
@@ -95,7 +121,8 @@ def test_a_kernel_that_finds_the_mailbox_taken_does_all_its_rows_alone():
 _ONE_PROCESS = """
 import json, sys
 import numpy as np
-from tinyllama2 import cpu_kernels, cpu_threads   # first: it turns tinygrad's HCQ2 queue on for the CPU
+from tinyllama2.ops import cpu as cpu_kernels   # first: it turns tinygrad's HCQ2 queue on for the CPU
+from tinyllama2.runtime import cpu_threads
 from tinygrad import Tensor
 cpu_threads.set_threads(int(sys.argv[1]))
 rng = np.random.default_rng(5)

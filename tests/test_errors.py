@@ -87,7 +87,7 @@ def test_context_beyond_trained_warns():
 
 def test_a_compiler_in_the_device_name_asks_for_dev():
   """tinygrad 0.14 takes the CPU's compiler from DEV at start-up only: device="CPU:LLVM" would run clang silently."""
-  from tinyllama2.model import resolve_device
+  from tinyllama2.devices import resolve_device
   with pytest.raises(ValueError, match="DEV=CPU:LLVM"):
     resolve_device("CPU:LLVM")
   assert resolve_device("CPU") == "CPU"

@@ -68,8 +68,8 @@ def test_eos_stops_with_reason_stop(stories):
 
 def test_to_numpy_reads_buffers_views_and_other_dtypes_like_numpy():
   from tinygrad import Tensor
-  from tinyllama2.generate import to_numpy
-  from tinyllama2.model import resolve_device
+  from tinyllama2.runtime.readback import to_numpy
+  from tinyllama2.devices import resolve_device
   a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
   t = Tensor(a, device=resolve_device(None)).contiguous().realize()
   for view, ref in ((t, a), (t.reshape(6, 4), a.reshape(6, 4)), (t.permute(2, 0, 1), a.transpose(2, 0, 1)),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from tinygrad import Tensor, dtypes
 
-from tinyllama2 import gpu_kernels
+from tinyllama2.ops import gpu as gpu_kernels
 from tinyllama2.quantize import QuantLinear
 
 
@@ -50,7 +50,7 @@ def test_quantized_matvec(N, K, mode):
   dev, rng = _device(), np.random.default_rng(K)
   x, w = rng.standard_normal(K).astype(np.float32), rng.standard_normal((N, K)).astype(np.float32)
   q = QuantLinear.from_float(Tensor(w, device=dev), mode)
-  kernel = gpu_kernels.matvec_q8_0 if mode == "int8" else gpu_kernels.matvec_q4_0
+  kernel = lambda x, packed, scale: gpu_kernels.matvec_blocks("q8_0" if mode == "int8" else "q4_0", x, [(packed, scale)])
   y = kernel(Tensor(x, device=dev).reshape(1, 1, K), q.packed, q.scale)
   assert y is not None
   np.testing.assert_allclose(y.numpy().reshape(N), _np_dequant(q).astype(np.float64) @ x, rtol=1e-5, atol=1e-4)
@@ -176,7 +176,7 @@ def test_decode_attention_rotates_attends_and_writes_the_cache(dtype):
   pos_var = Variable("start_pos", 0, max_len - 1)
   def step(qkv: Tensor, pos) -> Tensor:
     position = Tensor.full((1,), pos, dtype=dtypes.int32, device=dev).contiguous()
-    return gpu_kernels.decode_attention(qkv, ck, cv, cos_t, sin_t, pos, H, position).realize()
+    return gpu_kernels.decode_attention(qkv, ck, cv, cos_t, sin_t, pos, position, H).realize()
   jit = TinyJit(step)
   def rope(a: np.ndarray, p: int) -> np.ndarray:
     out = np.empty_like(a)
@@ -220,18 +220,19 @@ def test_decode_falls_back_to_the_generic_graph_when_the_fused_kernels_fail(monk
   """A device whose compiler rejects our kernels still decodes (with a warning naming the error), through tinygrad's
   graph, with the logits that graph gives."""
   from tinyllama2 import ModelArgs, Transformer
+  from tinyllama2.decoder import Decoder
   dev = _device()
   args = ModelArgs(dim=256, n_layers=1, n_heads=8, n_kv_heads=4, vocab_size=96, hidden_dim=512)
-  def decode(fused: bool) -> tuple[np.ndarray, Transformer]:
+  def decode(fused: bool) -> tuple[np.ndarray, Decoder]:
     m = Transformer(args, max_seq_len=16, dtype=dtypes.float32, device=dev)
     m.init_random(seed=1, std=0.2)
-    if not fused: m._decode_step_fused = lambda x, pos: None
-    m.prefill(Tensor([[3, 17, 42]], device=dev), 0).realize()
-    return np.concatenate([m._runtime.decode(tok, 3 + i).numpy() for i, tok in enumerate([5, 9])]), m
+    dec = Decoder(m, fused=fused)
+    dec.prefill([3, 17, 42], all_logits=True)
+    return np.concatenate([dec.decode_logits(tok, 3 + i).numpy() for i, tok in enumerate([5, 9])]), dec
   want, _ = decode(fused=False)
   def failing_build(*args, **kwargs): raise RuntimeError("simulated compile error")
   monkeypatch.setattr(gpu_kernels, "decode_attention", failing_build)
   with pytest.warns(UserWarning, match="simulated compile error"):
-    got, m = decode(fused=True)
-  assert not m._runtime.fused_decode
+    got, dec = decode(fused=True)
+  assert not dec.fused
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

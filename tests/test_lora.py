@@ -9,7 +9,7 @@ from conftest import SHARED, STORIES, TOK512, need
 from tinyllama2 import Llama, ModelArgs, Transformer, lora
 from tinyllama2.checkpoint import safetensors
 from tinyllama2.checkpoint.hf import permute_to_hf
-from tinyllama2.model import Linear
+from tinyllama2.layers import Linear
 
 ALPACA = SHARED / "instruct" / "alpaca_en_demo.json"
 
@@ -42,7 +42,7 @@ def test_fresh_adapter_changes_nothing():
 
 def test_lora_gradients_match_the_formula():
   rng = np.random.default_rng(0)
-  base = Linear.wrap(Tensor(rng.normal(size=(6, 5)).astype(np.float32)))
+  base = Linear(Tensor(rng.normal(size=(6, 5)).astype(np.float32)))
   layer = lora.LoRALinear(base, lora.LoraConfig(r=3, alpha=6, target_modules=["q_proj"]))
   layer.lora_B.assign(Tensor(rng.normal(size=(6, 3)).astype(np.float32))).realize()
   x, g = rng.normal(size=(4, 5)).astype(np.float32), rng.normal(size=(4, 6)).astype(np.float32)

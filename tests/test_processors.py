@@ -13,7 +13,7 @@ import pytest
 import reference_numpy
 from conftest import LLAMA_TOK, STORIES, TOK512, need
 from tinyllama2 import Llama, ModelArgs, Tokenizer, Transformer
-from tinyllama2.generate import TextStream
+from tinyllama2.generate import TextStream, TokenStep
 from tinyllama2.sampling import SamplingParams, process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +184,8 @@ def test_streaming_chinese_and_emoji_equals_final_text():
   ids = tok.encode(text, bos=False)
   assert any(tok.id_to_piece(i).startswith("<0x") for i in ids)   # byte-fallback pieces split characters
   prompt = tok.encode("Story:", bos=True)
-  stream = TextStream(iter(ids), prompt, tok, [], {})
+  steps = (TokenStep(0, t, "length" if i == len(ids) - 1 else None, 0.0, 0.0, 0.0) for i, t in enumerate(ids))
+  stream = TextStream(steps, prompt, tok, [])
   pieces = list(stream)
   assert "".join(pieces) == stream.generation.text
   assert stream.generation.text.strip() == text and all("\ufffd" not in p for p in pieces)

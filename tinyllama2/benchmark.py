@@ -37,7 +37,7 @@ class BenchResult:
   bandwidth_gb_s: float
   decode_frac_of_bw: float
   kernels_per_token: int
-  threads: int = 1                 # threads per CPU decode kernel (cpu_threads.py)
+  threads: int = 1                 # threads per CPU decode kernel (runtime/cpu_threads.py)
   llama_cpp_prefill_tok_s: float | None = None   # llama.cpp on the same weights, prompt and threads (--llama-cpp)
   llama_cpp_decode_tok_s: float | None = None
 
@@ -78,18 +78,17 @@ def bytes_per_decode_step(model) -> int:
   return total - (model.tok_embeddings.weight.nbytes() if model.output is not None else 0)
 
 
-def _eager_decode_step(model, token: int, pos: int) -> None:
+def _eager_decode_step(decoder, token: int, pos: int) -> None:
   """One decode step outside the JIT: kernel by kernel, so counts and DEBUG=2 times are per kernel (a GPU's JIT
   replays the step as a few CUDA graphs, which tinygrad counts and times as one kernel each)."""
-  rt = model._runtime
-  model.decode_step(rt.tok_var.bind(token), rt.pos_var.bind(pos)).realize()
+  decoder.decode_graph(decoder.tok_var.bind(token), decoder.pos_var.bind(pos)).realize()
 
 
-def _kernels_per_decode_step(model, token: int, pos: int) -> int:
+def _kernels_per_decode_step(decoder, token: int, pos: int) -> int:
   from tinygrad import GlobalCounters
-  _eager_decode_step(model, token, pos)   # the first eager run schedules and compiles
+  _eager_decode_step(decoder, token, pos)   # the first eager run schedules and compiles
   GlobalCounters.reset()
-  _eager_decode_step(model, token, pos)
+  _eager_decode_step(decoder, token, pos)
   return GlobalCounters.kernel_count
 
 
@@ -131,7 +130,7 @@ def profile_kernels(fn) -> list[tuple[str, float, float]]:
 
 def _custom_kernel_gb_s(name: str, microseconds: float) -> float | None:
   """tinygrad has no byte count for our C matvec kernels; their names carry the weight shape and kind."""
-  from .cpu_kernels import BYTES_PER_WEIGHT
+  from .ops.cpu import BYTES_PER_WEIGHT
   m = re.fullmatch(r"(?:norm_)?(matvec\d?|swiglu)_(\w+?)_(\d+)_(\d+)(?:_res)?", name)   # norm_/_res: fused RMSNorm/residual
   if m is None or m.group(2) not in BYTES_PER_WEIGHT: return None
   matrices = 2 if m.group(1) == "swiglu" else 1
@@ -207,7 +206,8 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
   """One model × dtype × quantization. Prefill and decode are the best of `repeats` warm runs (and llama.cpp's
   too): on a shared 2-core machine one run of a small model varies by ±20%, mostly downwards."""
   from tinygrad import GlobalCounters
-  from . import cpu_kernels, cpu_threads
+  from .ops import cpu as cpu_kernels
+  from .runtime import cpu_threads, hcq2_enabled
   if threads is not None: cpu_threads.set_threads(threads)
   llm = build_model(model, device, dtype, prompt_len + new_tokens + 1, tokenizer, quantize)
   m, dec = llm.model, llm.decoder
@@ -231,12 +231,12 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
   for _ in range(2): dec.prefill(prompt)   # capture the prefill graph, then its first (slower) replay
   runs = [run() for _ in range(repeats)]
   ttft_warm, prefill, decode, tok = min(r[0] for r in runs), max(r[1] for r in runs), max(r[2] for r in runs), runs[-1][3]
-  kernels = _kernels_per_decode_step(m, tok, prompt_len)
+  kernels = _kernels_per_decode_step(dec, tok, prompt_len)
   if profile:
-    if os.environ.get("HCQ2", "0") != "0":
+    if hcq2_enabled():
       print("note: HCQ2 is on: kernels run asynchronously and their DEBUG=2 times are not per kernel; use HCQ2=0")
     print(f"\n{model} {m.device} {dtype} {quantize or ''}: decode step\n" +
-          format_profile(profile_kernels(lambda: _eager_decode_step(m, tok, prompt_len))))
+          format_profile(profile_kernels(lambda: _eager_decode_step(dec, tok, prompt_len))))
     print(f"{model} {m.device} {dtype} {quantize or ''}: prefill of {prompt_len} tokens\n" +
           format_profile(profile_kernels(lambda: dec.prefill(prompt)), top=8))
   weight_bytes = bytes_per_decode_step(m)
@@ -293,4 +293,3 @@ def _reference_cells(r: BenchResult) -> list[str]:
   if not r.llama_cpp_decode_tok_s: return ["", "", "", ""]
   return [f"{r.llama_cpp_prefill_tok_s:.1f}", f"{r.llama_cpp_decode_tok_s:.1f}",
           f"{r.prefill_tok_s / r.llama_cpp_prefill_tok_s:.2f}", f"{r.decode_tok_s / r.llama_cpp_decode_tok_s:.2f}"]
-

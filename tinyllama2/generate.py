@@ -1,43 +1,64 @@
-"""Prefill + JIT decode loop: greedy and seeded sampling, stop strings, streaming text, timings."""
+"""Generation: the settings (`GenerationConfig`), the token-step core every loop shares, results and streamed text.
+
+`token_steps` is the one decode loop for one prompt or a batch of them: it prefills, then chooses a token per row
+per step (logits processors and sampler of sampling.py) and yields a `TokenStep` record for each, with the finish
+reason on a row's last record and the timings so far (as mlx-lm's GenerationResponse). Whole results
+(`Generation`) and streamed text (`TextStream`) are built from those records; beam search (beam.py) keeps its
+own loop but stops and times the same way (`Stopping`, `Timer`).
+"""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
-from tinygrad import Context, Tensor, dtypes
-from tinygrad.uop.ops import Ops
 
-from .model import Transformer
-from .sampling import SamplingParams, choose, process
+from .decoder import Decoder
+from .sampling import SamplingParams, choose, knob, process
 from .tokenizer import Tokenizer
 
 
 @dataclass
-class GenerationConfig:
-  """Defaults and meanings follow Hugging Face's GenerationConfig."""
-  max_new_tokens: int = 256
-  sampling: SamplingParams = field(default_factory=SamplingParams)
-  eos_token_id: int | list[int] | None = None   # None: the model's own
-  stop: list[str] = field(default_factory=list)
-  seed: int | None = None
-  num_beams: int = 1
-  length_penalty: float = 1.0
-  early_stopping: bool | str = False            # True, False or "never", as in Hugging Face
-  num_return_sequences: int = 1
+class GenerationConfig(SamplingParams):
+  """Every generation setting, with Hugging Face's defaults and meanings (the sampling ones are SamplingParams').
+  The CLI's flags and their help lines are derived from these fields."""
+  max_new_tokens: int = knob(256, "tokens to generate at most")
+  num_beams: int = knob(1, "beam search width (1 = off)")
+  length_penalty: float = knob(1.0, "beam score = logprob sum / length ** this")
+  early_stopping: bool | str = knob(False, "beam search stop rule (HF)", choices=["true", "false", "never"],
+                                    default="false")  # True, False or "never", as in Hugging Face
+  num_return_sequences: int = knob(1, "sequences to return (generate --json)")
+  eos_token_id: int | list[int] | None = knob(None, "end-of-sequence id (repeatable; default: the model's)",
+                                              type=int, action="append")   # None: the model's own
+  seed: int | None = knob(None, "random seed for sampling", type=int)
+  stop: list[str] = field(default_factory=list, metadata={"help": "stop string (repeatable)",
+                                                          "cli": {"action": "append", "default": []}})
+
+  @classmethod
+  def of(cls, config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
+    """`config` (default: the defaults) with some settings replaced, checked; unknown names are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(overrides) - names):
+      raise ValueError(f"unknown generation setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    if isinstance(overrides.get("stop"), str): overrides["stop"] = [overrides["stop"]]
+    if "stop" in overrides and overrides["stop"] is None: overrides["stop"] = []
+    cfg = dataclasses.replace(config or cls(), **overrides)
+    cfg.validate()
+    return cfg
 
   def validate(self) -> None:
-    self.sampling.validate()
+    super().validate()
     if self.max_new_tokens < 0: raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
     if self.num_beams < 1: raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
     if self.early_stopping not in (True, False, "never"):
       raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-    limit = self.num_beams if self.num_beams > 1 or not self.sampling.do_sample else None
+    limit = self.num_beams if self.num_beams > 1 or not self.do_sample else None
     if self.num_return_sequences < 1 or (limit is not None and self.num_return_sequences > limit):
       raise ValueError(f"num_return_sequences={self.num_return_sequences} must be between 1 and num_beams={self.num_beams}"
                        " (greedy search returns one sequence; sampling may return any number)")
-    if self.num_beams > 1 and self.sampling.do_sample:
+    if self.num_beams > 1 and self.do_sample:
       raise ValueError("beam search with do_sample=True (beam sampling) is not supported; use one or the other")
 
 
@@ -53,206 +74,119 @@ class Generation:
   score: float | None = None         # beam search: sum of log-probs / generated_len ** length_penalty
 
 
-def to_numpy(t: Tensor) -> np.ndarray:
-  """A realized tensor's values as a new numpy array. Host-memory devices (the CPU) are read in place after a
-  synchronize: Tensor.numpy() schedules a copy program for every call, which on the CPU costs about as much as
-  decoding a small model's token (~2 ms for stories15M's logits)."""
-  if t.dtype != dtypes.float32 or not isinstance(t.device, str) or t.device.split(":")[0] != "CPU": return t.numpy()
-  base = t.uop.src[0] if t.uop.op is Ops.RESHAPE else t.uop   # a reshape keeps the buffer's order
-  whole = base.op is Ops.BUFFER and base.is_realized and base.buffer.size == t.numel()
-  buf = base.buffer if whole else t._buffer()
-  return np.frombuffer(buf.as_memoryview(force_zero_copy=True), dtype=np.float32).reshape(t.shape).copy()
+@dataclass
+class TokenStep:
+  """One step of one sequence. `token` is the new id, or None on a last step that ended on eos (which is not part
+  of the generated text); `finish_reason` is None until the sequence's last step, then "stop" or "length"."""
+  row: int
+  token: int | None
+  finish_reason: str | None
+  prefill_tokens_per_s: float
+  decode_tokens_per_s: float
+  time_to_first_token_s: float
+  logits: np.ndarray | None = field(default=None, repr=False)   # the row the token was chosen from
+
+  @property
+  def logprob(self) -> float | None:
+    """log p(token) under the model's distribution (the logits before any processor)."""
+    if self.token is None or self.logits is None: return None
+    x = self.logits.astype(np.float64)
+    m = x.max()
+    return float(x[self.token] - m - np.log(np.exp(x - m).sum()))
 
 
-class Decoder:
-  """Runs a Transformer over a token stream: chunked prefill, then one JIT-compiled step per token.
+class Timer:
+  """Prefill and decode rates and the time to the first token, as every generation loop reports them."""
 
-  `beam` > 0 compiles the decode step with tinygrad's BEAM search. Its results live in tinygrad's on-disk cache,
-  so a `tinyllama2 tune` run pays the search once; without a tuned cache the first step searches (slowly).
-  """
+  def __init__(self, prompt_tokens: int):
+    self.prompt_tokens, self.start = prompt_tokens, time.perf_counter()
+    self.prefilled = self.first_token = None
 
-  def __init__(self, model: Transformer, prefill_chunk: int = 256, beam: int = 0):
-    self.model, self.prefill_chunk, self.beam = model, prefill_chunk, beam
-    self._bias: Tensor | None = None   # [rows, max_seq_len] key bias of the batched rows (left padding)
+  def prefill_done(self) -> None: self.prefilled = time.perf_counter()
 
-  def _check_len(self, n: int) -> None:
-    if n > self.model.max_seq_len:
-      raise ValueError(f"sequence of {n} tokens is longer than max_seq_len {self.model.max_seq_len}; shorten the "
-                       "prompt or load the model with a larger max_seq_len")
+  def token_chosen(self) -> None:
+    if self.first_token is None: self.first_token = time.perf_counter()
 
-  def prefill(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
-    """Fill the cache from position 0; logits of the last token [vocab] (or of every token [T, vocab])."""
-    if not len(ids): raise ValueError("the prompt is empty: at least one token (e.g. BOS) is needed")
-    self._check_len(len(ids))
-    if not all_logits: return self._prefill_compiled(list(ids))
-    rt, out = self.model._runtime, []
-    for start in range(0, len(ids), self.prefill_chunk):
-      chunk = Tensor([list(ids[start:start + self.prefill_chunk])], dtype="int32", device=self.model.device)
-      out.append(self.model.prefill(chunk, rt.pos_var.bind(start)).realize().numpy()[0])
-    return np.concatenate(out)
-
-  def _prefill_compiled(self, ids: list[int]) -> np.ndarray:
-    """Chunks padded to a power of two run as captured graphs. Padding is harmless: padded positions come
-    after every real token (the causal mask hides them) and decoding overwrites their cache rows first."""
-    rt, logits = self.model._runtime, None
-    for start in range(0, len(ids), self.prefill_chunk):
-      piece = ids[start:start + self.prefill_chunk]
-      length = min(self.prefill_chunk, 1 << (len(piece) - 1).bit_length())
-      if start + length > self.model.max_seq_len: length = len(piece)
-      toks = Tensor([piece + [0] * (length - len(piece))], dtype="int32", device=self.model.device)
-      logits = rt.prefill_jit(length)(toks, rt.pos_var.bind(start), rt.last_var.bind(len(piece) - 1))
-    return to_numpy(logits)[0]
-
-  def step(self, token: int, pos: int) -> np.ndarray:
-    """Feed `token` at position `pos`; logits for the next position [vocab]."""
-    self._check_len(pos + 1)
-    rt = self.model._runtime
-    with Context(BEAM=self.beam):
-      return to_numpy(rt.decode(int(token), pos))[0]
-
-  # ---- batched rows (beam search, batches of prompts) -------------------------------------------------
-  PAD_BIAS = -1e9   # finite, so a padding query (which sees only padding) still gets a finite softmax
-
-  def prefill_rows(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
-    """Prompts left-padded to one length into one cache row each; the logits of each row's last token [B, vocab].
-    RoPE is relative, so a row shifted right by its padding attends exactly as it would alone."""
-    if any(not len(r) for r in rows): raise ValueError("a prompt is empty: at least one token (e.g. BOS) is needed")
-    length = max(len(r) for r in rows)
-    self._check_len(length)
-    rt, dev, logits = self.model._runtime, self.model.device, None
-    rt.caches(len(rows))
-    bias = np.zeros((len(rows), self.model.max_seq_len), dtype=np.float32)
-    for b, r in enumerate(rows): bias[b, :length - len(r)] = self.PAD_BIAS
-    self._bias = Tensor(bias, device=dev).realize()
-    padded = [[0] * (length - len(r)) + list(r) for r in rows]
-    for start in range(0, length, self.prefill_chunk):
-      chunk = Tensor([p[start:start + self.prefill_chunk] for p in padded], dtype="int32", device=dev)
-      h = self.model.forward_hidden(self.model.embed(chunk), rt.pos_var.bind(start), key_bias=self._bias)
-      logits = self.model.logits_from_hidden(h[:, -1:, :]).realize()
-    return logits.numpy()[:, 0, :]
-
-  def step_rows(self, tokens: Sequence[int], pos: int, parents: Sequence[int] | None = None) -> np.ndarray:
-    """Cache rows are first reordered to `parents` (beam search: every row holds the same prompt, so the padding
-    bias needs no reordering), then row b is fed tokens[b] at cache column `pos`; logits [rows, vocab]."""
-    self._check_len(pos + 1)
-    rt, dev = self.model._runtime, self.model.device
-    if parents is not None and list(parents) != list(range(len(parents))):
-      rt.reorder_jit(Tensor(list(parents), dtype="int32", device=dev))
-    with Context(BEAM=self.beam):
-      toks = Tensor([[int(t)] for t in tokens], dtype="int32", device=dev)
-      return to_numpy(rt.batch_jit(toks, rt.pos_var.bind(pos), self._bias))
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-  x = x.astype(np.float64)
-  m = x.max(-1, keepdims=True)
-  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+  def rates(self, decoded: int) -> dict[str, float]:
+    """`decoded`: tokens that came out of decode steps (each row's first token comes from the prefill)."""
+    now, prefilled = time.perf_counter(), self.prefilled or self.start
+    return dict(prefill_tokens_per_s=self.prompt_tokens / max(prefilled - self.start, 1e-9),
+                decode_tokens_per_s=decoded / (now - prefilled) if decoded > 0 else 0.0,
+                time_to_first_token_s=(self.first_token or now) - self.start)
 
 
 @dataclass
-class _Hypotheses:
-  """The best finished beams, as Hugging Face's BeamHypotheses keeps them."""
-  num_beams: int
-  length_penalty: float
-  early_stopping: bool | str
-  items: list = field(default_factory=list)   # (score, tokens, finish_reason)
+class Stopping:
+  """When a sequence ends: an eos id, a stop string in its text, max_new_tokens, or the end of the context."""
+  eos_ids: set[int]
+  max_new_tokens: int
+  max_seq_len: int
+  stop: list[str] = field(default_factory=list)
+  tokenizer: Tokenizer | None = None
 
-  def add(self, tokens: list[int], sum_logprobs: float, generated_len: int, reason: str) -> None:
-    score = sum_logprobs / (generated_len ** self.length_penalty)
-    if len(self.items) < self.num_beams or score > self.worst:
-      self.items.append((score, tokens, reason))
-      if len(self.items) > self.num_beams: self.items.remove(min(self.items, key=lambda h: h[0]))
+  def __post_init__(self):
+    if self.stop and self.tokenizer is None: raise ValueError("stop strings need a tokenizer")
 
-  @property
-  def worst(self) -> float: return min(h[0] for h in self.items) if self.items else float("inf")
-
-  def is_done(self, best_sum_logprobs: float, generated_len: int, max_generated: int) -> bool:
-    if len(self.items) < self.num_beams: return False
-    if self.early_stopping is True: return True
-    length = max_generated if self.early_stopping == "never" and self.length_penalty > 0 else generated_len
-    return self.worst >= best_sum_logprobs / (length ** self.length_penalty)
+  def reason(self, prompt: Sequence[int], new: Sequence[int], padding: int = 0) -> str | None:
+    """Why the sequence prompt + new ends now (new's last token just chosen, eos not included), or None; `padding`:
+    cache columns before the prompt (a batch's left padding), which count against the context."""
+    if self.stop and stop_index(decode_continuation(self.tokenizer, prompt, new), self.stop) >= 0: return "stop"
+    if len(new) >= self.max_new_tokens or padding + len(prompt) + len(new) >= self.max_seq_len: return "length"
+    return None
 
 
-def beam_search(decoder: Decoder, prompt: list[int], cfg: GenerationConfig, eos_ids: set[int]) -> list[tuple[float, list[int], str]]:
-  """Hugging Face beam search: (score, new tokens, finish reason) best first, num_return_sequences of them.
-
-  Processors see log-probabilities (as in HF); a finished beam scores sum_logprobs / generated_len ** length_penalty
-  with generated_len counting its eos. The beams run as one batch; surviving beams' cache rows are reordered on device."""
-  nb, plen, V = cfg.num_beams, len(prompt), decoder.model.args.vocab_size
-  if cfg.max_new_tokens == 0: return [(0.0, [], "length")]
-  hyps = _Hypotheses(nb, cfg.length_penalty, cfg.early_stopping)
-  seqs = [list(prompt) for _ in range(nb)]
-  scores = np.array([0.0] + [-1e9] * (nb - 1))     # only the first beam expands at the first step
-  logits = decoder.prefill_rows([prompt] * nb)
-  done = False
-  eos = sorted(eos_ids)
-  for step in range(cfg.max_new_tokens):
-    gen_len = step + 1                              # tokens generated once this step's token is chosen
-    cand = np.stack([process(lp, cfg.sampling, seq, step, eos) for lp, seq in zip(_log_softmax(logits), seqs)])
-    flat = (cand + scores[:, None]).reshape(-1)
-    top = np.argsort(-flat, kind="stable")[:max(2, 1 + len(eos)) * nb]
-    nxt = []
-    for rank, idx in enumerate(top):
-      beam, tok = divmod(int(idx), V)
-      if tok in eos_ids:
-        if rank < nb: hyps.add(seqs[beam][plen:], float(flat[idx]), gen_len, "stop")
-      else: nxt.append((beam, tok, float(flat[idx])))
-      if len(nxt) == nb: break
-    done = hyps.is_done(float(flat[top[0]]), gen_len, cfg.max_new_tokens)
-    parents = [b for b, _, _ in nxt]
-    seqs = [seqs[b] + [t] for b, t, _ in nxt]
-    scores = np.array([s for _, _, s in nxt])
-    if done or step == cfg.max_new_tokens - 1 or plen + gen_len >= decoder.model.max_seq_len: break
-    logits = decoder.step_rows([t for _, t, _ in nxt], plen + step, parents)
-  if not done:
-    for seq, s in zip(seqs, scores): hyps.add(seq[plen:], float(s), len(seq) - plen, "length")
-  return sorted(hyps.items, key=lambda h: -h[0])[:cfg.num_return_sequences]
-
-
-def generate_batch(decoder: Decoder, prompts: list[list[int]], cfg: GenerationConfig, eos_ids: set[int],
-                   tokenizer: Tokenizer | None) -> list[Generation]:
-  """Several prompts at once, left-padded into one batch; each row stops on its own (eos, stop string, length)
-  and gets the tokens it would get alone (sampling: each row draws from its own stream seeded with cfg.seed)."""
-  cfg.validate()
+def token_steps(decoder: Decoder, prompts: list[list[int]], cfg: GenerationConfig, stopping: Stopping,
+                rngs: list[np.random.Generator] | None = None) -> Iterator[TokenStep]:
+  """The decode loop: one prompt through the compiled one-row step, several as one left-padded batch (each row
+  stopping on its own and getting the tokens it would get alone). Sampling row b draws from rngs[b] (default: a
+  PCG64 stream seeded with cfg.seed per row, so a seed gives the same tokens in every process)."""
   B, length = len(prompts), max(len(p) for p in prompts)
-  rngs = [np.random.Generator(np.random.PCG64(cfg.seed)) for _ in prompts]
-  eos = sorted(eos_ids)
+  rngs = rngs or [np.random.Generator(np.random.PCG64(cfg.seed)) for _ in prompts]
+  timer, eos = Timer(sum(map(len, prompts))), sorted(stopping.eos_ids)
+  if cfg.max_new_tokens == 0:
+    for b in range(B): yield TokenStep(b, None, "length", **timer.rates(0))
+    return
+  logits = decoder.prefill(prompts[0])[None] if B == 1 else decoder.prefill_rows(prompts)
+  timer.prefill_done()
   new: list[list[int]] = [[] for _ in prompts]
-  reasons: list[str | None] = [None] * B
-  t0 = time.perf_counter()
-  logits = decoder.prefill_rows(prompts)
-  t_first = time.perf_counter()
-  limit = min(cfg.max_new_tokens, decoder.model.max_seq_len - length)
-  for step in range(limit):
-    feed = []
-    for b in range(B):
-      if reasons[b] is not None:
-        feed.append(0)
+  live, step, decoded = list(range(B)), 0, 0   # decoded: tokens chosen from decode steps' logits
+  while live:
+    feed = [0] * B
+    for b in list(live):
+      token = choose(process(logits[b], cfg, prompts[b] + new[b], len(new[b]), eos), cfg, rngs[b])
+      timer.token_chosen()
+      decoded += step > 0
+      if token in stopping.eos_ids:
+        live.remove(b)
+        yield TokenStep(b, None, "stop", **timer.rates(decoded), logits=logits[b])
         continue
-      seen = prompts[b] + new[b]
-      tok = choose(process(logits[b], cfg.sampling, seen, len(new[b]), eos), cfg.sampling, rngs[b])
-      feed.append(tok)
-      if tok in eos_ids:
-        reasons[b] = "stop"
-        continue
-      new[b].append(tok)
-      if cfg.stop:
-        if stop_index(decode_continuation(tokenizer, prompts[b], new[b]), cfg.stop) >= 0: reasons[b] = "stop"
-    if all(r is not None for r in reasons) or step == limit - 1: break
-    logits = decoder.step_rows(feed, length + step)
-  t_end = time.perf_counter()
-  out = []
-  n_decoded = sum(len(n) for n in new)
-  for b in range(B):
-    text = decode_continuation(tokenizer, prompts[b], new[b])
-    if (cut := stop_index(text, cfg.stop)) >= 0: text = text[:cut]
-    out.append(Generation(text=text, tokens=new[b], prompt_tokens=list(prompts[b]), finish_reason=reasons[b] or "length",
-                          prefill_tokens_per_s=sum(map(len, prompts)) / max(t_first - t0, 1e-9),
-                          decode_tokens_per_s=n_decoded / max(t_end - t_first, 1e-9), time_to_first_token_s=t_first - t0))
+      new[b].append(token)
+      feed[b] = token
+      if (reason := stopping.reason(prompts[b], new[b], length - len(prompts[b]))) is not None: live.remove(b)
+      yield TokenStep(b, token, reason, **timer.rates(decoded), logits=logits[b])
+    if not live: break
+    step += 1
+    if B == 1: logits = decoder.step(feed[0], len(prompts[0]) + len(new[0]) - 1)[None]
+    else: logits = decoder.step_rows(feed, length + step - 1)
+
+
+def generations(steps: Iterator[TokenStep], prompts: list[list[int]], tokenizer: Tokenizer | None,
+                stop: Sequence[str]) -> list[Generation]:
+  """The records of `token_steps` collected into one Generation per prompt (text cut before a stop string)."""
+  new: list[list[int]] = [[] for _ in prompts]
+  out: list[Generation | None] = [None] * len(prompts)
+  for s in steps:
+    if s.token is not None: new[s.row].append(s.token)
+    if s.finish_reason is not None:
+      text = decode_continuation(tokenizer, prompts[s.row], new[s.row])
+      if (cut := stop_index(text, stop)) >= 0: text = text[:cut]
+      out[s.row] = Generation(text=text, tokens=new[s.row], prompt_tokens=list(prompts[s.row]),
+                              finish_reason=s.finish_reason, prefill_tokens_per_s=s.prefill_tokens_per_s,
+                              decode_tokens_per_s=s.decode_tokens_per_s, time_to_first_token_s=s.time_to_first_token_s)
   return out
 
 
-def _eos_ids(eos: int | Sequence[int] | None) -> set[int]:
+def eos_id_set(eos: int | Sequence[int] | None) -> set[int]:
   if eos is None: return set()
   return {int(eos)} if isinstance(eos, (int, np.integer)) else {int(e) for e in eos}
 
@@ -262,27 +196,27 @@ def stop_index(text: str, stops: Sequence[str]) -> int:
   return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
 
 
-def decode_continuation(tokenizer: Tokenizer | None, prompt: list[int], new: list[int]) -> str:
+def decode_continuation(tokenizer: Tokenizer | None, prompt: Sequence[int], new: Sequence[int]) -> str:
   """The text of `new` as it continues the prompt: decoded with the last prompt token as context, so
   SentencePiece keeps the leading space it would drop at the start of a text."""
   if tokenizer is None: return ""
-  ctx = prompt[-1:]
+  ctx = list(prompt[-1:])
   head = tokenizer.decode(ctx)
-  full = tokenizer.decode(ctx + new)
-  return full[len(head):] if full.startswith(head) else tokenizer.decode(new)
+  full = tokenizer.decode(ctx + list(new))
+  return full[len(head):] if full.startswith(head) else tokenizer.decode(list(new))
 
 
 class TextStream:
-  """Iterates the generated text in pieces; `.generation` holds the result once the iteration is done.
+  """Iterates the generated text of one sequence in pieces; `.generation` holds the result once iteration is done.
 
   Text is decoded from the whole new-token list each step (with the last prompt token as context, so
   SentencePiece's leading space survives), and a piece is released only when it is complete UTF-8 and can no
-  longer turn into a stop string, so the pieces always concatenate to the final text.
+  longer turn into a stop string, so the pieces always concatenate to the final text. Breaking out of the
+  iteration closes the token steps.
   """
 
-  def __init__(self, tokens: Iterator[int], prompt: list[int], tokenizer: Tokenizer | None, stop: list[str],
-               finish: dict):
-    self._tokens, self.prompt, self.tokenizer, self.stop, self._finish = tokens, prompt, tokenizer, stop, finish
+  def __init__(self, steps: Iterator[TokenStep], prompt: list[int], tokenizer: Tokenizer | None, stop: list[str]):
+    self._steps, self.prompt, self.tokenizer, self.stop = steps, prompt, tokenizer, stop
     self.new: list[int] = []
     self.text, self.generation = "", None
 
@@ -297,59 +231,24 @@ class TextStream:
     return hold
 
   def __iter__(self) -> Iterator[str]:
-    emitted, reason = 0, "length"
-    for tok in self._tokens:
-      self.new.append(tok)
-      text = self._decode()
-      cut = stop_index(text, self.stop)
-      if cut >= 0:
-        text, reason = text[:cut], "stop"
-        if emitted < len(text): yield text[emitted:]
-        emitted = len(text)
-        self._tokens.close()   # finish the generator so it records its timings
-        break
-      ready = len(text) - self._held_back(text)
-      while ready > 0 and text[ready - 1] == "\ufffd": ready -= 1   # an incomplete UTF-8 sequence
-      if ready > emitted:
-        yield text[emitted:ready]
-        emitted = ready
-    else:
-      reason = self._finish.get("reason", "length")
-      text = self._decode()
-      if emitted < len(text): yield text[emitted:]
-    self.text = text
-    self.generation = Generation(text=text, tokens=list(self.new), prompt_tokens=list(self.prompt), finish_reason=reason,
-                                 **self._finish.get("timings", {}))
-
-
-def generate_tokens(decoder: Decoder, prompt: list[int], cfg: GenerationConfig, eos_ids: set[int],
-                    finish: dict, rng: np.random.Generator | None = None) -> Iterator[int]:
-  """Yields new token ids; records the finish reason and timings in `finish`. Sampling draws from `rng`
-  (default: a PCG64 generator seeded with cfg.seed, so a seed gives the same tokens in every process)."""
-  cfg.validate()
-  rng = rng or np.random.Generator(np.random.PCG64(cfg.seed))
-  t0 = time.perf_counter()
-  t_first, ttft, n_new = t0, 0.0, 0
-  finish["reason"] = "length"
-  if cfg.max_new_tokens == 0: return
-  eos = sorted(eos_ids)
-  try:
-    seen = list(prompt)
-    logits = decoder.prefill(prompt)
-    t_first = time.perf_counter()
-    while True:
-      token = choose(process(logits, cfg.sampling, seen, n_new, eos), cfg.sampling, rng)
-      if n_new == 0: ttft = time.perf_counter() - t0
-      n_new += 1
-      seen.append(token)
-      if token in eos_ids:
-        finish["reason"] = "stop"
-        break
-      yield token
-      if n_new >= cfg.max_new_tokens or len(seen) >= decoder.model.max_seq_len: break
-      logits = decoder.step(token, len(seen) - 1)
-  finally:   # also when the consumer stops early (a stop string) and closes this generator
-    t_end = time.perf_counter()
-    finish["timings"] = dict(prefill_tokens_per_s=len(prompt) / max(t_first - t0, 1e-9),
-                             decode_tokens_per_s=(n_new - 1) / (t_end - t_first) if n_new > 1 else 0.0,
-                             time_to_first_token_s=ttft)
+    emitted, last = 0, None
+    try:
+      for last in self._steps:
+        if last.token is not None: self.new.append(last.token)
+        text = self._decode()
+        if (cut := stop_index(text, self.stop)) >= 0: text = text[:cut]
+        ready = len(text) if last.finish_reason else len(text) - self._held_back(text)
+        if not last.finish_reason:   # hold back an incomplete UTF-8 sequence
+          while ready > emitted and text[ready - 1] == "\ufffd": ready -= 1
+        if ready > emitted:
+          yield text[emitted:ready]
+          emitted = ready
+        if last.finish_reason: break
+    finally:
+      if close := getattr(self._steps, "close", None): close()
+    self.text = text = self._decode()
+    if (cut := stop_index(text, self.stop)) >= 0: self.text = text[:cut]
+    timings = {k: getattr(last, k) for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")} \
+      if last else {}
+    self.generation = Generation(text=self.text, tokens=list(self.new), prompt_tokens=list(self.prompt),
+                                 finish_reason=(last.finish_reason if last else None) or "length", **timings)

@@ -8,13 +8,13 @@ import numpy as np
 from tinygrad import dtypes
 from tinygrad.dtype import DType
 
+from .beam import beam_generations
 from .checkpoint import load_checkpoint
 from .config import ModelArgs, warn_if_beyond_trained
-from .generate import (Decoder, Generation, GenerationConfig, TextStream, _eos_ids, beam_search, decode_continuation,
-                       generate_batch, generate_tokens, stop_index)
+from .decoder import Decoder
+from .generate import Generation, GenerationConfig, Stopping, TextStream, eos_id_set, generations, token_steps
 from .model import Transformer
 from .rope import RopeScaling
-from .sampling import SamplingParams
 from .tokenizer import ChatTemplate, Llama2ChatTemplate, Tokenizer
 
 DTYPES = {"float32": dtypes.float32, "f32": dtypes.float32, "fp32": dtypes.float32, "float16": dtypes.float16,
@@ -81,7 +81,7 @@ class Llama:
 
   @property
   def eos_ids(self) -> set[int]:
-    ids = _eos_ids(self.args.eos_id)
+    ids = eos_id_set(self.args.eos_id)
     if self._tokenizer is not None and self._tokenizer.eos_id >= 0: ids.add(self._tokenizer.eos_id)
     return ids
 
@@ -96,77 +96,42 @@ class Llama:
     if bad: raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.args.vocab_size - 1})")
     return ids
 
-  def generate(self, prompt: str | Sequence[int] | list, max_new_tokens: int = 256, do_sample: bool = False,
-               temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, min_p: float = 0.0,
-               repetition_penalty: float = 1.0, num_beams: int = 1, length_penalty: float = 1.0,
-               early_stopping: bool | str = False, num_return_sequences: int = 1, no_repeat_ngram_size: int = 0,
-               min_new_tokens: int = 0, typical_p: float = 1.0, frequency_penalty: float = 0.0,
-               presence_penalty: float = 0.0, penalty_last_n: int = 64, eos_token_id: int | list[int] | None = None,
-               stop: str | list[str] | None = None, seed: int | None = None,
-               stream: bool = False) -> Generation | TextStream | list[Generation]:
-    """Hugging Face-style generation. stream=True returns a TextStream: iterate it for text pieces.
+  def generate(self, prompt: str | Sequence[int] | list, config: GenerationConfig | None = None, *,
+               stream: bool = False, **settings) -> Generation | TextStream | list[Generation]:
+    """Hugging Face-style generation: `config` (default: GenerationConfig()) with `settings` replaced, by the names
+    of GenerationConfig's fields (max_new_tokens, do_sample, temperature, top_k, top_p, min_p, repetition_penalty,
+    num_beams, stop, seed, ...). stream=True returns a TextStream: iterate it for text pieces.
 
-    A list of prompts returns one Generation per prompt (decoded as one batch); num_return_sequences > 1 returns that many (best first
-    for beam search). `Generation.tokens` holds the new ids without the eos that ended generation (as
-    OpenAI/llama.cpp report)."""
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-              min_p=min_p, repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=length_penalty,
-              early_stopping=early_stopping, num_return_sequences=num_return_sequences,
-              no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens, typical_p=typical_p,
-              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, penalty_last_n=penalty_last_n,
-              eos_token_id=eos_token_id, stop=stop, seed=seed)
+    A list of prompts returns one Generation per prompt (decoded as one batch); num_return_sequences > 1 returns
+    that many (best first for beam search). `Generation.tokens` holds the new ids without the eos that ended
+    generation (as OpenAI/llama.cpp report)."""
+    cfg = GenerationConfig.of(config, **settings)
+    if cfg.stop and self._tokenizer is None: raise ValueError("stop strings need a tokenizer")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list, tuple)):
       if stream: raise ValueError("stream=True takes a single prompt")
-      if num_beams > 1 or num_return_sequences > 1: return [self.generate(p, **kw) for p in prompt]
-      return self._batch(prompt, kw)
-    cfg = self._config(kw)
-    if stream and (num_beams > 1 or num_return_sequences > 1):
+      if cfg.num_beams > 1 or cfg.num_return_sequences > 1: return [self.generate(p, cfg) for p in prompt]
+      ids = [self._prompt_ids(p) for p in prompt]
+      return generations(token_steps(self.decoder, ids, cfg, self._stopping(cfg)), ids, self._tokenizer, cfg.stop)
+    if stream and (cfg.num_beams > 1 or cfg.num_return_sequences > 1):
       raise ValueError("stream=True returns one sequence: use num_beams=1 and num_return_sequences=1")
     ids = self._prompt_ids(prompt)
-    self.decoder._check_len(len(ids))
-    eos = self.eos_ids if eos_token_id is None else _eos_ids(eos_token_id)
-    if num_beams > 1:
-      return self._beam_generations(ids, cfg, eos)
-    rng = np.random.Generator(np.random.PCG64(seed))   # one stream for all returned sequences
+    self.decoder.check_length(len(ids))
+    if cfg.num_beams > 1:
+      out = beam_generations(self.decoder, ids, cfg, self._stopping(cfg), self._tokenizer)
+      return out[0] if cfg.num_return_sequences == 1 else out
+    rng = np.random.Generator(np.random.PCG64(cfg.seed))   # one stream for all returned sequences
     results = []
-    for _ in range(num_return_sequences):
-      finish: dict = {}
-      text_stream = TextStream(generate_tokens(self.decoder, ids, cfg, eos, finish, rng), ids, self._tokenizer, cfg.stop, finish)
+    for _ in range(cfg.num_return_sequences):
+      text_stream = TextStream(token_steps(self.decoder, [ids], cfg, self._stopping(cfg), [rng]), ids, self._tokenizer,
+                               cfg.stop)
       if stream: return text_stream
       for _ in text_stream: pass
       results.append(text_stream.generation)
-    return results[0] if num_return_sequences == 1 else results
+    return results[0] if cfg.num_return_sequences == 1 else results
 
-  def _config(self, kw: dict) -> GenerationConfig:
-    """generate()'s keyword arguments as a validated GenerationConfig."""
-    stop = kw["stop"]
-    cfg = GenerationConfig(max_new_tokens=kw["max_new_tokens"], seed=kw["seed"], eos_token_id=kw["eos_token_id"],
-                           stop=[stop] if isinstance(stop, str) else list(stop or []),
-                           sampling=SamplingParams(**{f: kw[f] for f in SamplingParams.__dataclass_fields__}),
-                           num_beams=kw["num_beams"], length_penalty=kw["length_penalty"],
-                           early_stopping=kw["early_stopping"], num_return_sequences=kw["num_return_sequences"])
-    cfg.validate()
-    if cfg.stop and self._tokenizer is None: raise ValueError("stop strings need a tokenizer")
-    return cfg
-
-  def _batch(self, prompts: list, kw: dict) -> list[Generation]:
-    """A batch of prompts decoded together (see generate_batch); stop strings need the tokenizer."""
-    cfg = self._config(kw)
-    ids = [self._prompt_ids(p) for p in prompts]
-    eos = self.eos_ids if kw["eos_token_id"] is None else _eos_ids(kw["eos_token_id"])
-    return generate_batch(self.decoder, ids, cfg, eos, self._tokenizer)
-
-  def _beam_generations(self, ids: list[int], cfg: GenerationConfig, eos: set[int]) -> Generation | list[Generation]:
-    import time
-    t0 = time.perf_counter()
-    out = []
-    for score, tokens, reason in beam_search(self.decoder, ids, cfg, eos):
-      text = decode_continuation(self._tokenizer, ids, tokens)
-      if (cut := stop_index(text, cfg.stop)) >= 0: text, reason = text[:cut], "stop"
-      out.append(Generation(text=text, tokens=tokens, prompt_tokens=list(ids), finish_reason=reason, score=score))
-    dt = time.perf_counter() - t0
-    for g in out: g.decode_tokens_per_s = cfg.num_beams * max(len(g.tokens) for g in out) / dt
-    return out[0] if cfg.num_return_sequences == 1 else out
+  def _stopping(self, cfg: GenerationConfig) -> Stopping:
+    eos = self.eos_ids if cfg.eos_token_id is None else eos_id_set(cfg.eos_token_id)
+    return Stopping(eos, cfg.max_new_tokens, self.model.max_seq_len, cfg.stop, self._tokenizer)
 
   def chat(self, messages: list[dict], **generate_kwargs) -> Generation | TextStream:
     ids = self.chat_template.encode(messages, self.tokenizer)

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor
 
 from .checkpoint import safetensors
 from .checkpoint.hf import permute_from_hf, permute_to_hf
 from .fileio import write_text
-from .model import Linear, Transformer
+from .layers import Linear, LoRALinear
+from .model import Transformer
 
 # Hugging Face module name -> (block attribute, our linear)
 MODULES = {"q_proj": ("attention", "wq"), "k_proj": ("attention", "wk"), "v_proj": ("attention", "wv"),
@@ -48,36 +49,6 @@ class LoraConfig:
   def scale(self) -> float: return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-class LoRALinear(Linear):
-  """A frozen base Linear plus a trainable low-rank update. `weight` stays the base weight's name."""
-
-  def __init__(self, base: Linear, cfg: LoraConfig):
-    out_f, in_f = base.weight.shape
-    self.weight = base.weight.is_param_(False)
-    dev = base.weight.device
-    # PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0 (no change at first)
-    bound = 1 / math.sqrt(in_f)
-    self.lora_A = Tensor.uniform(cfg.r, in_f, low=-bound, high=bound, device=dev).contiguous().realize()
-    self.lora_B = Tensor.zeros(out_f, cfg.r, device=dev).contiguous().realize()
-    self.scale, self.dropout, self.merged = cfg.scale, cfg.dropout, False
-
-  def delta(self) -> Tensor: return (self.lora_B @ self.lora_A) * self.scale   # [out, in]
-
-  def __call__(self, x: Tensor) -> Tensor:
-    y = x @ self.weight.T
-    if self.merged: return y
-    h = x.dropout(self.dropout) if self.dropout else x
-    return y + ((h.cast(dtypes.float32) @ self.lora_A.T @ self.lora_B.T) * self.scale).cast(y.dtype)
-
-  def merge(self) -> None:
-    if not self.merged: self.weight.assign((self.weight.float() + self.delta()).cast(self.weight.dtype)).realize()
-    self.merged = True
-
-  def unmerge(self) -> None:
-    if self.merged: self.weight.assign((self.weight.float() - self.delta()).cast(self.weight.dtype)).realize()
-    self.merged = False
-
-
 def lora_layers(model: Transformer) -> dict[str, LoRALinear]:
   """{PEFT module path: layer}, e.g. 'model.layers.0.self_attn.q_proj'."""
   out = {}
@@ -98,7 +69,7 @@ def inject(model: Transformer, cfg: LoraConfig, seed: int = 0) -> dict[str, Tens
     for hf in cfg.target_modules:
       parent, attr = MODULES[hf]
       setattr(getattr(block, parent), attr, LoRALinear(getattr(getattr(block, parent), attr), cfg))
-  model._runtime.reset_jits()
+  model.weights_changed()
   return trainable(model)
 
 
@@ -113,8 +84,8 @@ def merge(model: Transformer) -> None:
       lin = getattr(getattr(block, parent), attr)
       if isinstance(lin, LoRALinear):
         lin.merge()
-        setattr(getattr(block, parent), attr, Linear.wrap(lin.weight.is_param_(True)))
-  model._runtime.reset_jits()
+        setattr(getattr(block, parent), attr, Linear(lin.weight.is_param_(True)))
+  model.weights_changed()
 
 
 def _hf_permuted_heads(model: Transformer, path: str) -> int | None:

@@ -1,69 +1,28 @@
 """Weight-only quantization: Q8_0 ("int8") and Q4_0 ("int4") blocks of 32, laid out as in GGUF.
 
-Quantization runs on the device with tinygrad ops. At run time the dequantization is a lazy elementwise
-expression on the packed weights, so tinygrad fuses it into the matmul kernel: decode reads the int8/int4
-bytes and the fp16 scales, never a float copy of the weights.
+Quantization runs on the device with tinygrad ops (`q8_0_on_device`, `q4_0_on_device`; checkpoint/gguf.py has the
+numpy reference writers `q8_0_bytes`, `q4_0_bytes`, for files). The layers are `layers.QuantLinear`: the CPU and GPU
+kernels read their blocks as they are, and tinygrad's graph fuses the dequantization into its matmul elsewhere,
+so decoding reads the int8/int4 bytes and the fp16 scales, never a float copy of the weights.
 """
 from __future__ import annotations
 
 import numpy as np
 from tinygrad import Tensor, dtypes
-from tinygrad.dtype import DType
 
-from . import cpu_kernels, gpu_kernels
+from .layers import BLOCK, QUANT_MODES, Linear, QuantLinear
 
-BLOCK = 32
-MODES = ("int8", "int4")
+__all__ = ["MODES", "QuantLinear", "float_weights", "load_prequantized", "quantize_model", "quantize_blocks"]
 
-
-class QuantLinear:
-  """y = x @ dequant(W).T with W [out, in] stored as Q8_0 or Q4_0 blocks along `in`."""
-
-  def __init__(self, mode: str, packed: Tensor, scale: Tensor, in_features: int, dtype: DType):
-    if mode not in MODES: raise ValueError(f"unknown quantization {mode!r}; use one of {MODES}")
-    self.mode, self.packed, self.scale, self.in_features, self.dtype = mode, packed, scale, in_features, dtype
-
-  @property
-  def out_features(self) -> int: return self.packed.shape[0]
-
-  @property
-  def block_kind(self) -> str:
-    """The GGUF name of the block layout: "q8_0" or "q4_0"."""
-    return "q8_0" if self.mode == "int8" else "q4_0"
-
-  @classmethod
-  def from_float(cls, weight: Tensor, mode: str) -> QuantLinear:
-    out, k = weight.shape
-    if k % BLOCK: raise ValueError(f"cannot quantize a [{out}, {k}] weight: {k} is not a multiple of {BLOCK}")
-    blocks = weight.float().reshape(out, k // BLOCK, BLOCK)
-    packed, scale = (quantize_q8_0 if mode == "int8" else quantize_q4_0)(blocks)
-    q = cls(mode, packed.contiguous(), scale.contiguous(), k, weight.dtype)
-    Tensor.realize(q.packed, q.scale)
-    return q
-
-  def dequantize(self, dtype: DType | None = None) -> Tensor:
-    dtype = dtype or self.dtype
-    d = self.scale.cast(dtype).unsqueeze(-1)
-    if self.mode == "int8": vals = self.packed.cast(dtype)
-    else:
-      lo, hi = self.packed.bitwise_and(15), self.packed.rshift(4)
-      vals = lo.cat(hi, dim=-1).cast(dtype) - 8
-    return (vals * d).reshape(self.out_features, self.in_features)
-
-  def __call__(self, x: Tensor) -> Tensor:
-    if cpu_kernels.usable(x, self.packed.dtype, self.packed.device):   # one row on the CPU: read the blocks as they are
-      y = cpu_kernels.matvec_blocks(self.block_kind, x, [(self.packed, self.scale)])
-      return y.reshape(*x.shape[:-1], self.out_features).cast(x.dtype)
-    if cpu_kernels.matmul_usable(x, self.packed.dtype, self.packed.device):   # several rows (prefill) on the CPU
-      return cpu_kernels.matmul(x, self.packed, self.scale, self.block_kind).cast(x.dtype)
-    if gpu_kernels.usable(x, self.packed):   # one row on a GPU
-      if (y := gpu_kernels.matvec_blocks(self.block_kind, x, [(self.packed, self.scale)])) is not None: return y
-    return x @ self.dequantize().T
-
-  def nbytes(self) -> int: return self.packed.nbytes() + self.scale.nbytes()
+MODES = QUANT_MODES
 
 
-def quantize_q8_0(blocks: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_blocks(blocks: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+  """blocks [..., 32] float → (packed values, fp16 scales) of `mode` ("int8": Q8_0, "int4": Q4_0), on the device."""
+  return (q8_0_on_device if mode == "int8" else q4_0_on_device)(blocks)
+
+
+def q8_0_on_device(blocks: Tensor) -> tuple[Tensor, Tensor]:
   """blocks [..., 32] float → (int8 values [..., 32], fp16 scales [...]): d = max|x| / 127, q = round(x / d)."""
   d = blocks.abs().max(-1) / 127
   inv = (d > 0).where(1 / d.maximum(1e-30), 0)
@@ -71,7 +30,7 @@ def quantize_q8_0(blocks: Tensor) -> tuple[Tensor, Tensor]:
   return q, d.cast(dtypes.float16)
 
 
-def quantize_q4_0(blocks: Tensor) -> tuple[Tensor, Tensor]:
+def q4_0_on_device(blocks: Tensor) -> tuple[Tensor, Tensor]:
   """llama.cpp's Q4_0: d = (the value of largest magnitude) / -8, q = min(15, trunc(x / d + 8.5)).
   Two values per byte: element j in the low nibble of byte j, element j + 16 in the high nibble."""
   hi_v, lo_v = blocks.max(-1), blocks.min(-1)
@@ -110,21 +69,20 @@ def load_prequantized(model, weights: dict) -> None:
     scale = Tensor(np.ascontiguousarray(w.scale), device=model.device)
     setattr(owner, attr, QuantLinear(w.mode, packed, scale, w.shape[1], model.dtype))
     Tensor.realize(packed, scale)
-  model._runtime.reset_jits()
+  model.weights_changed()
 
 
 def quantize_model(model, mode: str) -> None:
   """Replace the projections of every layer and the output head by QuantLinear (the embedding stays float).
 
   A matrix whose input width is not a multiple of 32 stays float, as llama.cpp falls back for such rows."""
-  from .model import Linear
   if mode not in MODES: raise ValueError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
   # a tied head becomes its own layer here, so the quantized head and the float embedding are separate tensors
-  if model.output is None: model.output = Linear.wrap(model.tok_embeddings.weight)
+  if model.output is None: model.output = Linear(model.tok_embeddings.weight)
   for owner, attr, _ in _linears(model):
     layer = getattr(owner, attr)
     if isinstance(layer, QuantLinear):
       if layer.mode != mode: setattr(owner, attr, QuantLinear.from_float(layer.dequantize(), mode))
     elif layer.weight.shape[1] % BLOCK == 0: setattr(owner, attr, QuantLinear.from_float(layer.weight, mode))
   model.quantization = mode
-  model._runtime.reset_jits()   # graphs captured before hold the float weights
+  model.weights_changed()   # graphs captured before hold the float weights

@@ -7,26 +7,35 @@ floats that costs well under a millisecond a step (see the note in bench/).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 
+def knob(value, help: str, **cli):
+  """A generation setting: its default value, the help line the CLI shows for it, and argparse overrides for its
+  flag (e.g. a CLI `default` of its own; `flag=False`: no flag)."""
+  return field(default=value, metadata={"help": help, "cli": cli})
+
+
 @dataclass
 class SamplingParams:
-  do_sample: bool = False
-  temperature: float = 1.0
-  top_k: int = 50
-  top_p: float = 1.0
-  min_p: float = 0.0
-  repetition_penalty: float = 1.0
-  typical_p: float = 1.0
-  no_repeat_ngram_size: int = 0
-  min_new_tokens: int = 0
-  frequency_penalty: float = 0.0
-  presence_penalty: float = 0.0
-  penalty_last_n: int = 64       # window of frequency/presence penalties in tokens (-1: the whole sequence)
+  """The logits processors' and samplers' settings (Hugging Face names and defaults)."""
+  do_sample: bool = knob(False, "sample instead of greedy decoding", flag=False)
+  temperature: float = knob(1.0, "sampling temperature; 0 means greedy decoding (CLI only: the API raises instead)",
+                            default=0.0)
+  top_k: int = knob(50, "keep the k most likely tokens (0 = off)")
+  top_p: float = knob(1.0, "nucleus sampling: keep the smallest set with this mass")
+  min_p: float = knob(0.0, "drop tokens below min_p × the top probability")
+  repetition_penalty: float = knob(1.0, "penalty for tokens already seen (HF meaning)")
+  typical_p: float = knob(1.0, "locally typical sampling mass (1 = off)")
+  no_repeat_ngram_size: int = knob(0, "never repeat an n-gram of this size (0 = off)")
+  min_new_tokens: int = knob(0, "suppress eos until this many new tokens")
+  frequency_penalty: float = knob(0.0, "OpenAI-style: logit -= count × this")
+  presence_penalty: float = knob(0.0, "OpenAI-style: logit -= this if the token appeared")
+  # window of frequency/presence penalties in tokens (-1: the whole sequence)
+  penalty_last_n: int = knob(64, "window of the two penalties above (-1 = everything)")
 
   def validate(self) -> None:
     if self.do_sample and self.temperature <= 0:

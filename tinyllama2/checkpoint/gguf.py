@@ -315,7 +315,7 @@ def _w_kv(key: str, value) -> bytes:
   return out + struct.pack("<IIQ", 9, etype, len(arr)) + arr.tobytes()
 
 
-def quantize_q8_0(w: np.ndarray) -> bytes:
+def q8_0_bytes(w: np.ndarray) -> bytes:
   """llama.cpp's reference Q8_0: per 32 values d = max|x| / 127 (stored fp16), q = round(x / d)."""
   b = w.reshape(w.shape[0], -1, 32).astype(np.float32)
   d = np.abs(b).max(-1) / np.float32(127)
@@ -325,7 +325,7 @@ def quantize_q8_0(w: np.ndarray) -> bytes:
   return rec.tobytes()
 
 
-def quantize_q4_0(w: np.ndarray) -> bytes:
+def q4_0_bytes(w: np.ndarray) -> bytes:
   """llama.cpp's reference Q4_0: per 32 values d = (the value of largest magnitude) / -8 (stored fp16),
   q = min(15, trunc(x / d + 8.5)); byte j holds q[j] in its low nibble and q[j + 16] in its high nibble."""
   b = w.reshape(w.shape[0], -1, 32).astype(np.float32)
@@ -374,8 +374,8 @@ def save(path: str | Path, args: ModelArgs, weights: dict[str, np.ndarray], toke
     if args.tie_embeddings and ours == "output.weight": continue
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim == 1 or dtype == "f32": blobs.append((gguf_name(ours), F32, arr.shape, arr.tobytes()))
-    elif dtype == "q8_0" and arr.shape[1] % 32 == 0: blobs.append((gguf_name(ours), Q8_0, arr.shape, quantize_q8_0(arr)))
-    elif dtype == "q4_0" and arr.shape[1] % 32 == 0: blobs.append((gguf_name(ours), Q4_0, arr.shape, quantize_q4_0(arr)))
+    elif dtype == "q8_0" and arr.shape[1] % 32 == 0: blobs.append((gguf_name(ours), Q8_0, arr.shape, q8_0_bytes(arr)))
+    elif dtype == "q4_0" and arr.shape[1] % 32 == 0: blobs.append((gguf_name(ours), Q4_0, arr.shape, q4_0_bytes(arr)))
     else: blobs.append((gguf_name(ours), F16, arr.shape, arr.astype(np.float16).tobytes()))
   infos, offset = b"", 0
   for tname, ttype, shape, raw in blobs:

@@ -13,11 +13,6 @@ MAGIC = 0x616B3432  # "ak42"
 V1_HEADER_BYTES = 256
 
 
-def is_llama2c(path: Path) -> bool:
-  if path.suffix != ".bin" or not path.is_file(): return False
-  return True
-
-
 def _args_from_header(path: Path, dims: tuple[int, ...], shared: bool) -> ModelArgs:
   dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = dims
   if min(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len) <= 0 or max(dims) > 1 << 24:

@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict
 
 from ..benchmark import SHAPES, BenchResult, bench_one, format_table, measure_read_bandwidth
+from ..devices import child_env, named_compiler
 
 HELP = "prefill/decode speed, first-token latency, memory"
 
@@ -44,7 +45,7 @@ def _bench_in_subprocess(a: argparse.Namespace, model: str, device: str | None, 
          str(a.beam), "--repeats", str(a.repeats), "--json", "-"] + (["--device", device] if device else []) + \
         (["--tokenizer", a.tokenizer] if a.tokenizer else []) + (["--profile"] if a.profile else []) + \
         (["--threads", str(threads)] if threads else []) + (["--llama-cpp", a.llama_cpp] if a.llama_cpp else [])
-  run = subprocess.run(cmd, capture_output=True, text=True, env=_device_env(device) if device else None)
+  run = subprocess.run(cmd, capture_output=True, text=True, env=child_env(device) if device else None)
   if run.returncode != 0: raise RuntimeError(f"bench of {model} {dtype}{'+' + quantize if quantize else ''} on "
                                                f"{device or 'the default device'} failed:\n{run.stderr[-2000:]}")
   if a.profile: print(run.stdout[:run.stdout.index("[")], end="")
@@ -55,17 +56,7 @@ def _runs_here(device: str | None) -> bool:
   """Whether this process can bench `device`: tinygrad 0.14 takes a device's compiler from DEV when it opens the
   device (DEV=CPU:LLVM: LLVM instead of clang) and ignores it in a device name, so such a device gets a process
   of its own with DEV set."""
-  from ..model import named_compiler
   return device is None or not named_compiler(device) or os.environ.get("DEV") == device
-
-
-def _device_env(device: str) -> dict[str, str]:
-  """The environment of a process that benches `device`: DEV names it (with its compiler), and HCQ2, which tinygrad
-  0.14 cannot run with a compiler other than clang, is dropped for those."""
-  from ..model import named_compiler
-  env = dict(os.environ, DEV=device)
-  if named_compiler(device) not in ("", "CLANG"): env.pop("HCQ2", None)
-  return env
 
 
 def main(a: argparse.Namespace) -> list[BenchResult]:

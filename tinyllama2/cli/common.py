@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 DEFAULT_MODEL_HELP = "model: a Hugging Face or Meta directory, a .gguf file or a llama2.c .bin"
@@ -31,41 +32,33 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
   p.add_argument("--threads", type=int, help="threads per CPU decode kernel (default: every core, at most 8)")
 
 
+def _generation_flags() -> list:
+  """GenerationConfig's fields that have a flag of their own (all but do_sample, which --temperature implies)."""
+  from ..generate import GenerationConfig
+  return [f for f in dataclasses.fields(GenerationConfig) if f.metadata.get("cli", {}).get("flag", True)]
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most")
-  p.add_argument("--temperature", type=float, default=0.0,
-                 help="sampling temperature; 0 means greedy decoding (CLI only: the API raises instead)")
-  p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0 = off)")
-  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set with this mass")
-  p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × the top probability")
-  p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for tokens already seen (HF meaning)")
-  p.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling mass (1 = off)")
-  p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
-  p.add_argument("--min-new-tokens", type=int, default=0, help="suppress eos until this many new tokens")
-  p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style: logit -= count × this")
-  p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style: logit -= this if the token appeared")
-  p.add_argument("--penalty-last-n", type=int, default=64, help="window of the two penalties above (-1 = everything)")
-  p.add_argument("--num-beams", type=int, default=1, help="beam search width (1 = off)")
-  p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob sum / length ** this")
-  p.add_argument("--early-stopping", choices=["true", "false", "never"], default="false", help="beam search stop rule (HF)")
-  p.add_argument("--num-return-sequences", type=int, default=1, help="sequences to return (generate --json)")
-  p.add_argument("--eos-token-id", type=int, action="append", help="end-of-sequence id (repeatable; default: the model's)")
-  p.add_argument("--seed", type=int, help="random seed for sampling")
-  p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+  """One flag per generation setting (--max-new-tokens, --temperature, ...), its default and help line from
+  GenerationConfig."""
+  for f in _generation_flags():
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    cli = dict(f.metadata["cli"])
+    kw = {"default": default, "help": f.metadata["help"]}
+    if default is not None and not {"action", "choices", "type"} & set(cli): kw["type"] = type(default)
+    p.add_argument("--" + f.name.replace("_", "-"), **(kw | cli))
 
 
 def sampling_kwargs(a: argparse.Namespace) -> dict:
-  early = {"true": True, "false": False, "never": "never"}[a.early_stopping]
-  return dict(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0, temperature=a.temperature or 1.0,
-              top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed,
-              stop=a.stop or None, typical_p=a.typical_p, no_repeat_ngram_size=a.no_repeat_ngram_size,
-              min_new_tokens=a.min_new_tokens, frequency_penalty=a.frequency_penalty, presence_penalty=a.presence_penalty,
-              penalty_last_n=a.penalty_last_n, num_beams=a.num_beams, length_penalty=a.length_penalty,
-              early_stopping=early, eos_token_id=a.eos_token_id)
+  """The flags of add_sampling_args as generate() settings: --temperature 0 means greedy decoding."""
+  kw = {f.name: getattr(a, f.name) for f in _generation_flags()}
+  kw.update(do_sample=a.temperature > 0, temperature=a.temperature or 1.0, stop=a.stop or None,
+            early_stopping={"true": True, "false": False, "never": "never"}[a.early_stopping])
+  return kw
 
 
 def load_model(a: argparse.Namespace):
-  from .. import cpu_threads
+  from ..runtime import cpu_threads
   from ..llama import Llama
   if getattr(a, "threads", None) is not None: cpu_threads.set_threads(a.threads)
   llm = Llama.from_pretrained(a.model, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,

@@ -20,7 +20,7 @@ def main(a: argparse.Namespace) -> None:
   llm = load_model(a)
   kw = sampling_kwargs(a)
   if a.json or a.num_beams > 1 or a.num_return_sequences > 1:
-    gens = llm.generate(a.prompt, num_return_sequences=a.num_return_sequences, **kw)
+    gens = llm.generate(a.prompt, **kw)
     gens = gens if isinstance(gens, list) else [gens]
     if not a.json:
       for g in gens: print(g.text)

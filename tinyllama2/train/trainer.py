@@ -24,6 +24,7 @@ from tinygrad.nn.optim import AdamW, OptimizerGroup
 from ..checkpoint import safetensors
 from ..fileio import write_text
 from ..model import Transformer
+from ..runtime import rng
 from .data import BatchOrder, Blocks
 from .losses import lm_loss
 
@@ -87,8 +88,7 @@ class Trainer:
     self._apply = TinyJit(self._apply_step)
     self._eval = TinyJit(self._eval_step)
     self.device = model.device
-    Tensor.manual_seed(config.seed)
-    Tensor._next_counter(self.device, 0)   # create the RNG counter now, so checkpoints can hold it
+    rng.seed(self.device, config.seed)
 
   # ---- compiled pieces --------------------------------------------------------------------------
   def _micro_step(self, tokens: Tensor, weights: Tensor) -> Tensor:
@@ -205,8 +205,9 @@ class Trainer:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     safetensors.save({k: t.numpy() for k, t in self._state_tensors().items()}, tmp / "state.safetensors")
-    state = {"step": self.step, "data": self.order.state(), "rng_seed": Tensor._seed,
-             "rng_counter": Tensor._device_rng_counters[self.device].numpy().tolist(), "config": asdict(self.cfg)}
+    state_rng = rng.rng_state(self.device)
+    state = {"step": self.step, "data": self.order.state(), "rng_seed": state_rng["seed"],
+             "rng_counter": state_rng["counter"], "config": asdict(self.cfg)}
     write_text(tmp / "trainer.json", json.dumps(state, indent=2))
     if final.exists(): shutil.rmtree(final)
     os.replace(tmp, final)
@@ -232,9 +233,7 @@ class Trainer:
       t.assign(Tensor(np.array(tensors[name]), device=t.device).cast(t.dtype)).realize()
     self.step = int(state["step"])
     self.order.load_state(state["data"])
-    Tensor.manual_seed(state["rng_seed"])
-    Tensor._next_counter(self.device, 0)
-    Tensor._device_rng_counters[self.device].assign(Tensor(state["rng_counter"], dtype=dtypes.uint32, device=self.device)).realize()
+    rng.set_rng_state(self.device, {"seed": state["rng_seed"], "counter": state["rng_counter"]})
     # the log keeps only what the resumed run will not write again
     rows = [r for r in read_metrics(self.metrics_path) if r["step"] <= self.step]
     write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -11,6 +11,10 @@ kernel on one worker thread, so one core is all a kernel gets).
 They are tinygrad kernels all the same: `Tensor.custom_kernel` places them in the lazy graph, TinyJit captures
 them with the rest of the decode step and tinygrad's compiler cache keeps them. Only the body is C (a CUSTOM
 op), so they exist for the clang renderer only; every other backend keeps the generic matmul.
+
+The functions at the end (`project`, ..., `decode_attention`) are the contract ops/__init__.py calls, shared with
+ops/gpu.py. tinygrad 0.14 internals used: `Tensor.custom_kernel` with a CUSTOM UOp body and `KernelInfo`, and
+`renderer.cstyle.ClangRenderer` to recognise the clang backend.
 """
 from __future__ import annotations
 
@@ -18,10 +22,9 @@ import functools
 
 from tinygrad import Device, Tensor, UOp, dtypes
 from tinygrad.dtype import DType
-from tinygrad.helpers import TRAINING
 from tinygrad.uop.ops import KernelInfo, Ops
 
-from . import cpu_threads
+from ..runtime import cpu_threads
 
 QBLOCK = 32   # values per Q8_0 / Q4_0 block
 # weight bytes per value, by the kind in a kernel's name (matvec_<kind>_<rows>_<cols>)
@@ -178,22 +181,6 @@ def available(device: str) -> bool:
   if device.split(":")[0] != "CPU": return False
   from tinygrad.renderer.cstyle import ClangRenderer
   return isinstance(Device[device].renderer, ClangRenderer)
-
-
-def usable(x: Tensor, weight_dtype: DType, device: str) -> bool:
-  """Whether a projection of x (one row, no gradient needed) can use these kernels."""
-  rows = 1
-  for s in x.shape[:-1]: rows *= s if isinstance(s, int) else 2
-  return rows == 1 and not TRAINING and weight_dtype in (dtypes.float32, dtypes.float16, dtypes.int8, dtypes.uint8) \
-    and isinstance(device, str) and available(device)
-
-
-def matmul_usable(x: Tensor, weight_dtype: DType, device: str) -> bool:
-  """Whether a several-row product (prefill) of x can use `matmul` below: on the clang CPU backend, with concrete
-  shapes and no gradient needed. tinygrad's generated matmul reaches ~10 GFLOP/s there (and converts fp16 or
-  packed weights element by element in its inner loop); the register-tiled kernel reaches 60-110."""
-  return not TRAINING and all(isinstance(s, int) for s in x.shape) and isinstance(device, str) and available(device) \
-    and weight_dtype in (dtypes.float32, dtypes.float16, dtypes.int8, dtypes.uint8)
 
 
 def kernel_source(src: str) -> str:
@@ -357,16 +344,6 @@ def matvec_blocks_swiglu(kind: str, x: Tensor, gate: tuple[Tensor, Tensor], up: 
               extra=_Extras(6, NB * QBLOCK, norm, None))
 
 
-def matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
-  """x [..., K] (one row) against Q8_0 blocks: packed int8 [N, K/32, 32], scale fp16 [N, K/32] → float32 [N]."""
-  return matvec_blocks("q8_0", x, [(packed, scale)])
-
-
-def matvec_q4_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
-  """x [..., K] (one row) against Q4_0 blocks: packed uint8 [N, K/32, 16], scale fp16 [N, K/32] → float32 [N]."""
-  return matvec_blocks("q4_0", x, [(packed, scale)])
-
-
 # Several-row products (prefill): y [M, N] = x [M, K] @ W[N, K].T. Each group of three weight rows is first made
 # float32 (fp16/Q8_0/Q4_0 converted into a buffer on the stack), then every four rows of x are multiplied with
 # it in a 4x3 register tile: twelve 8-wide accumulators, so each loaded vector feeds three or four FMAs.
@@ -494,12 +471,6 @@ for (; i < end; i++) tl_y[i] = tl_g[i] / (1.0f + TL_EXPF(-tl_g[i])) * tl_u[i];
   return y.reshape(gate.shape)
 
 
-def attention_usable(q: Tensor, cache_dtype: DType) -> bool:
-  """Whether attention over the KV cache can use `attention` below (the clang CPU backend, no gradient needed)."""
-  return not TRAINING and all(isinstance(s, int) for s in q.shape) and cache_dtype in (dtypes.float32, dtypes.float16) \
-    and isinstance(q.device, str) and available(q.device)
-
-
 def _dot(D: int, a: str, b: str, b_load8: str) -> str:
   """C expression-statement: float `dot` = a[0:D] · b[0:D] (b float or __fp16), in 8-wide pieces when D allows."""
   if D % 8: return f"float dot = 0; for (int d = 0; d < {D}; d++) dot += {a}[d] * (float){b}[d];"
@@ -556,13 +527,13 @@ def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
   return out.reshape(B, T, H, D)
 
 
-def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, position: Tensor,
-                     n_heads: int) -> Tensor:
+def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp,
+                     position: Tensor, n_heads: int) -> Tensor:
   """One new token of one sequence, in one kernel: RoPE of its q and k (qkv = q, k, v unrotated, [H*D + 2*KV*D]) with
   row `position` of the tables cos/sin [max_len, D/2], its k and v written into the caches [1, KV, max_len, D] at
-  that position, then causal attention of q over positions 0..position → float32 [H*D]. position is an int32 [1]
-  buffer, so one compiled kernel serves every step. The cache write happens inside the kernel, unseen by
-  tinygrad's graph: nothing else in a decode step reads the cache, and the next step's kernels run after this one.
+  that position, then causal attention of q over positions 0..position → float32 [H*D]. The kernel reads the
+  position from `position`, an int32 [1] buffer holding start_pos, so one compiled kernel serves every step. The
+  cache write happens inside the kernel, unseen by tinygrad's graph: nothing else in a decode step reads the cache, and the next step's kernels run after this one.
   The first query head of each kv head writes that head's row; every head uses its own copy of the new k and v
   (rounded to the cache dtype, as a cache read would give), so no head reads a row another thread is writing.
   Replaces seven kernels per layer (RoPE of q and k, two cache writes, the position, attention)."""
@@ -623,3 +594,49 @@ const int tl_pos = *(const int*){{6}};
   inputs = [qkv.reshape(-1).float(), cache_k.reshape(-1), cache_v.reshape(-1), cos.reshape(-1), sin.reshape(-1),
             position.reshape(-1)]
   return _launch(f"decode_attention_{_kind(cache_k)}_{H}_{KV}_{D}_{max_len}", decl, rows, H * D, inputs, H, 1)
+
+
+# ---- the contract shared with ops/gpu.py (ops/__init__.py chooses; None: this module does not compute it) --------
+
+WEIGHT_KINDS = ("f32", "f16", "q8_0", "q4_0")   # what these kernels read (bf16 stays with tinygrad's graph)
+CACHE_DTYPES = (dtypes.float32, dtypes.float16)
+
+
+def project(x: Tensor, weights: list, norm: tuple[Tensor, float] | None = None, residual: Tensor | None = None,
+            out_dtype: DType | None = None) -> Tensor | None:
+  """One row x against layers of one kind read together (`layers.KernelWeights`) → their outputs one after another
+  [..., sum of N] in out_dtype (default x's), x RMS-normalized first by norm = (weight, eps), a residual added."""
+  kind = weights[0].kind
+  if kind in ("f32", "f16"):
+    dense = [w.tensors[0] for w in weights]
+    extras = norm is not None or residual is not None
+    y = matvec_concat(x, dense, norm=norm, residual=residual) if len(dense) > 1 or extras else matvec(x, dense[0])
+  else: y = matvec_blocks(kind, x, [w.tensors for w in weights], norm=norm, residual=residual)
+  return y.reshape(*x.shape[:-1], -1).cast(out_dtype or x.dtype)
+
+
+def project_swiglu(x: Tensor, gate, up, norm: tuple[Tensor, float] | None = None) -> Tensor | None:
+  """silu(gate · x) * (up · x) for one row x, both layers read in one kernel, in x's dtype."""
+  if gate.kind in ("f32", "f16"): y = matvec_swiglu(x, gate.tensors[0], up.tensors[0], norm=norm)
+  else: y = matvec_blocks_swiglu(gate.kind, x, gate.tensors, up.tensors, norm=norm)
+  return y.reshape(*x.shape[:-1], -1).cast(x.dtype)
+
+
+def project_rows(x: Tensor, weight) -> Tensor | None:
+  """x [..., K] (several rows) against one layer, in x's dtype."""
+  if weight.blocks: return matmul(x, *weight.tensors, kind=weight.kind).cast(x.dtype)
+  return matmul(x, weight.tensors[0]).cast(x.dtype)
+
+
+def project_rows_swiglu(x: Tensor, gate, up) -> Tensor | None:
+  """silu(x @ gate.T) * (x @ up.T) for several rows: one kernel for float weights; for Q8_0/Q4_0 the two products,
+  then the threaded SwiGLU kernel (a fused block kernel was slower on small models)."""
+  if not gate.blocks: return matmul_swiglu(x, gate.tensors[0], up.tensors[0]).cast(x.dtype)
+  g, u = (matmul(x, *w.tensors, kind=w.kind) for w in (gate, up))
+  return silu_mul(g, u).cast(x.dtype)
+
+
+def cached_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
+                     key_bias: Tensor | None) -> Tensor | None:
+  """Causal attention of q [B, T, H, D] over the KV cache (`attention`), in q's dtype."""
+  return attention(q, cache_k, cache_v, start_pos, key_bias).cast(q.dtype)

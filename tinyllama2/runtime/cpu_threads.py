@@ -16,6 +16,9 @@ time-share the cores, and a helper descheduled while holding a chunk stalls the 
 The mailbox lives in private (copy-on-write) memory, so a forked child never shares it with the parent's
 helpers. Kernels take their own address with inline assembly, which exists here for x86-64 only; elsewhere
 the kernels run their rows on one thread as before.
+
+tinygrad 0.14 internals used: the CPU device's `_wait_signal(signal, value, timeout)` (replaced per device), its
+`wait_timeout_ms` and `on_device_hang`, a signal's `addr` and `fmt`, and `Tensor.from_blob` for the mailbox.
 """
 from __future__ import annotations
 

@@ -10,6 +10,10 @@ the program with new Variable values, which is what tinygrad's `exec_kernel` end
 It relies on tinygrad internals (the layout of a captured HCQ2 call), so it only takes a graph that looks exactly
 as expected — one or more `hcq` calls, no tensor inputs, no per-call input tables — on a CPU device, and steps
 aside for tinygrad's own replay otherwise and whenever DEBUG or PROFILE want to see the calls.
+
+tinygrad 0.14 internals used: `TinyJit.captured` (`.linear.src`, `.ret`), the CALL/CUSTOM_FUNCTION "hcq" UOps of a
+captured HCQ2 graph and their `arg.aux` (`input_idxs`, `inputs`), `engine.realize.get_runtime`, `resolve_params`,
+`unwrap_multi`, `Buffer.ensure_allocated().get_buf`, and a program's `arg.launch_dims` / `arg.vals`.
 """
 from __future__ import annotations
 

@@ -13,7 +13,12 @@ KernelInfo: each thread loads 16 consecutive bytes of a row, `threads` threads o
 warp reads 512 contiguous bytes), their partial sums meet in local memory, and every thread accumulates
 `rows_per_thread` rows so x is loaded once for them. The dequantization of Q8_0/Q4_0 blocks happens in the
 loop, so only the packed bytes are read. They compile on every backend with local memory (CUDA, NV, AMD,
-Metal, OpenCL); the CPU has its own kernels (`cpu_kernels`).
+Metal, OpenCL); the CPU has its own kernels (`ops/cpu.py`).
+
+The functions at the end (`project`, ..., `cached_attention`) and `decode_attention` are the contract
+ops/__init__.py calls, shared with ops/cpu.py. tinygrad 0.14 internals used: `Tensor.custom_kernel`, UOp
+construction (`UOp.range`, `.reduce`, `.store`, `.valid`, `UOp.placeholder`, `UOp.variable(param=True)`),
+`KernelInfo(opts_to_apply=...)` with `codegen.opt.Opt`/`OptOps`, and a renderer's `has_local`/`has_shared`.
 """
 from __future__ import annotations
 
@@ -24,7 +29,6 @@ from dataclasses import dataclass
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.dtype import DType
-from tinygrad.helpers import TRAINING
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops, UOp
 
 QBLOCK = 32          # values per Q8_0 / Q4_0 block
@@ -91,15 +95,6 @@ def available(device: str) -> bool:
   try: renderer = Device[device].renderer
   except Exception: return False
   return bool(renderer.has_local and renderer.has_shared)
-
-
-def usable(x: Tensor, weight: Tensor) -> bool:
-  """Whether a projection of x (one row, concrete shapes, no gradient needed) on this device can use these."""
-  rows = 1
-  for s in x.shape[:-1]: rows *= s if isinstance(s, int) else 2
-  return rows == 1 and not TRAINING and isinstance(weight.device, str) and all(isinstance(s, int) for s in weight.shape) \
-    and weight.dtype in (dtypes.float32, dtypes.float16, dtypes.bfloat16, dtypes.int8, dtypes.uint8) \
-    and available(weight.device)
 
 
 class _Row:
@@ -314,25 +309,7 @@ def matvec_blocks_swiglu(kind: str, x: Tensor, gate: tuple[Tensor, Tensor], up: 
   return _blocks(kind, "matvec_swiglu", x, [gate, up], _SwiGLU(gate[0].shape[0]), norm)
 
 
-def matvec_q8_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor | None:
-  """One row x @ dequant(W).T for Q8_0 blocks: packed int8 [N, K/32, 32], scale fp16 [N, K/32]."""
-  return matvec_blocks("q8_0", x, [(packed, scale)])
-
-
-def matvec_q4_0(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor | None:
-  """One row x @ dequant(W).T for Q4_0 blocks: packed uint8 [N, K/32, 16] (element j in the low nibble of byte j,
-  element j + 16 in the high nibble), scale fp16 [N, K/32]."""
-  return matvec_blocks("q4_0", x, [(packed, scale)])
-
-
 # ---- attention of one new token over the KV cache ----------------------------------------------------------------
-
-def attention_usable(q: Tensor, cache_k: Tensor, key_bias: Tensor | None) -> bool:
-  """Decoding one token of one sequence (no padding bias) on a device with work groups."""
-  B, T, _, D = q.shape
-  return B == 1 and T == 1 and key_bias is None and not TRAINING and isinstance(q.device, str) and available(q.device) \
-    and all(isinstance(s, int) for s in cache_k.shape) and isinstance(D, int)
-
 
 def _kernel_position(start_pos: int | UOp) -> int | UOp:
   """The position as the kernels see it: an int, or the bound Variable's kernel-side parameter (its value arrives
@@ -386,7 +363,7 @@ def _rotated_pair(src: UOp, base: int | UOp, i: UOp, cos: UOp, sin: UOp, pos: in
 
 
 def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp,
-                     n_heads: int, position: Tensor) -> Tensor:
+                     position: Tensor, n_heads: int) -> Tensor:
   """One new token of one sequence in two kernels: qkv = its q, k and v unrotated [H*D + 2*KV*D]; RoPE of q and k
   at `start_pos` (tables cos/sin [max_len, D/2]), causal attention of q over positions 0..start_pos, and k, v written
   into the caches [1, KV, max_len, D] at that position → [H*D] in qkv's dtype. The first kernel computes the scores
@@ -441,3 +418,42 @@ def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor,
     .custom_kernel(qkv, cache_k, cos, sin, position, fxn=scores_kernel)[0]
   return Tensor.empty(H, D, dtype=qkv.dtype, device=qkv.device) \
     .custom_kernel(scores, cache_v, qkv, cache_k, cos, sin, fxn=values_kernel)[0].reshape(H * D)
+
+
+# ---- the contract shared with ops/cpu.py (ops/__init__.py chooses; None: this module does not compute it) --------
+
+WEIGHT_KINDS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+CACHE_DTYPES = (dtypes.float32, dtypes.float16, dtypes.bfloat16)
+
+
+def project(x: Tensor, weights: list, norm: tuple[Tensor, float] | None = None, residual: Tensor | None = None,
+            out_dtype: DType | None = None) -> Tensor | None:
+  """One row x against layers of one kind read together (`layers.KernelWeights`) → their outputs one after another
+  [..., sum of N] in out_dtype (default x's), x RMS-normalized first by norm = (weight, eps), a residual added;
+  None when a shape does not split over the work groups."""
+  if weights[0].blocks:
+    return matvec_blocks(weights[0].kind, x, [w.tensors for w in weights], norm=norm, residual=residual, out_dtype=out_dtype)
+  return matvec_concat(x, [w.tensors[0] for w in weights], norm=norm, residual=residual, out_dtype=out_dtype)
+
+
+def project_swiglu(x: Tensor, gate, up, norm: tuple[Tensor, float] | None = None) -> Tensor | None:
+  """silu(gate · x) * (up · x) for one row x, both layers read in one kernel, in x's dtype."""
+  if gate.blocks: return matvec_blocks_swiglu(gate.kind, x, gate.tensors, up.tensors, norm=norm)
+  return matvec_swiglu(x, gate.tensors[0], up.tensors[0], norm=norm)
+
+
+def project_rows(x: Tensor, weight) -> None:
+  """Several rows (prefill) stay with tinygrad's graph on GPUs."""
+  return None
+
+
+def project_rows_swiglu(x: Tensor, gate, up) -> None:
+  return None
+
+
+def cached_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
+                     key_bias: Tensor | None) -> Tensor | None:
+  """One token of one sequence without a padding bias (`attention`); None for anything else."""
+  B, T, _, D = q.shape
+  if B != 1 or T != 1 or key_bias is not None or not all(isinstance(s, int) for s in cache_k.shape): return None
+  return attention(q, cache_k, cache_v, start_pos)
