@@ -9,7 +9,7 @@ import sys
 
 from tinyllama2 import DEFAULT_MODEL
 from tinyllama2.cli import run_cli
-from tinyllama2.cli.chat import chat_loop
+from tinyllama2.cli.chat import add_ctx_policy_arg, chat_loop
 from tinyllama2.cli.common import load_model
 
 
@@ -28,11 +28,13 @@ def main() -> int:
   p.add_argument("--seed", type=int, help="sampling seed")
   p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization")
   p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory to apply")
+  p.add_argument("--max-seq-len", type=int, help="context length (default: the model's trained context)")
+  add_ctx_policy_arg(p)
   a = p.parse_args()
-  a.max_seq_len, a.rope_scaling = None, None
+  a.rope_scaling = None
   gen = dict(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0, temperature=a.temperature or 1.0,
              top_p=0.9, top_k=0, seed=a.seed)
-  return run_cli(lambda a: chat_loop(load_model(a), a.system, a.template, a.prompt, gen, a.model), a)
+  return run_cli(lambda a: chat_loop(load_model(a), a.system, a.template, a.prompt, gen, a.model, a.ctx_policy), a)
 
 
 if __name__ == "__main__":

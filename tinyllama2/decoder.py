@@ -1,13 +1,16 @@
 """`Decoder`: runs a Transformer over token streams — the owner of its KV caches and compiled steps.
 
 Prefill runs in chunks padded to a power of two, each length one captured graph; decoding one token is one
-captured graph with the token and the position as bound Variables, so generating never recompiles. The one-token
+captured graph with the token and the position as bound Variables, so generating never recompiles. The decoder
+remembers which tokens its one-row cache holds, so a prompt that shares a prefix with them (the next turn of a chat,
+the same prompt again) prefills only the rest, as llama.cpp's `cache_prompt` does. The one-token
 step goes through the fused kernels of `ops.fused_decode` where the model's layers allow (opt-in, on by default),
 else through `Transformer.decode_step`. Graphs are recaptured when the model says its weights changed
 (`Transformer.weights_changed`).
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Sequence
 
@@ -24,7 +27,8 @@ class Decoder:
   """`beam` > 0 compiles the decode step with tinygrad's BEAM search. Its results live in tinygrad's on-disk cache,
   so a `tinyllama2 tune` run pays the search once; without a tuned cache the first step searches (slowly).
   `fused=False` keeps the decode step in tinygrad's layer-by-layer graph; `replay=False` leaves a captured step to
-  TinyJit's own replay."""
+  TinyJit's own replay. One sequence at a time: callers that share a decoder between threads or interleaved
+  streams take `lock` around each call and check `holds` before continuing a sequence."""
 
   PAD_BIAS = -1e9   # finite, so a padding query (which sees only padding) still gets a finite softmax
 
@@ -35,6 +39,9 @@ class Decoder:
     self.tok_var = Variable("token", 0, model.args.vocab_size - 1)
     self.last_var = Variable("last", 0, model.max_seq_len - 1)
     self._caches: list[KVCache] | None = None
+    self.held: list[int] = []      # tokens whose keys and values cache row 0 holds, from position 0
+    self.prefilled = 0             # tokens run through prefill so far (padding not counted)
+    self.lock = threading.RLock()
     self._bias: Tensor | None = None   # [rows, max_seq_len] key bias of the batched rows (left padding)
     self._version = model.version
     self._decode_jit = TinyJit(lambda tok, pos: self.decode_graph(tok, pos).realize())
@@ -49,6 +56,7 @@ class Decoder:
     if self._caches is None or self._caches[0].k.shape[0] != batch:
       self._caches = self.model.new_caches(batch)
       self.invalidate()
+      self.held = []
     return self._caches
 
   def invalidate(self) -> None:
@@ -59,6 +67,7 @@ class Decoder:
     self._reorder_jit.reset()
     self._prefill_jits.clear()
     self._version = self.model.version
+    self.held = []   # keys and values of older weights
 
   def _fresh(self) -> None:
     if self._version != self.model.version: self.invalidate()
@@ -113,36 +122,59 @@ class Decoder:
       raise ValueError(f"sequence of {n} tokens is longer than max_seq_len {self.model.max_seq_len}; shorten the "
                        "prompt or load the model with a larger max_seq_len")
 
+  def forget(self) -> None:
+    """Forget what the cache holds: the next prefill runs every token (a benchmark's prefill, for one)."""
+    self.held = []
+
+  def holds(self, ids: Sequence[int]) -> bool:
+    """Whether cache row 0 holds the keys and values of exactly these tokens (and perhaps more after them)."""
+    return len(self.held) >= len(ids) and self.held[:len(ids)] == list(ids)
+
   def prefill(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
-    """Fill the cache from position 0; logits of the last token [vocab] (or of every token [T, vocab])."""
+    """Fill the cache with ids; logits of the last token [vocab]. What the cache already holds of ids' prefix is
+    kept (at least the last token is run). all_logits: a full forward from position 0, logits of every token
+    [T, vocab]."""
     if not len(ids): raise ValueError("the prompt is empty: at least one token (e.g. BOS) is needed")
     self.check_length(len(ids))
     self._fresh()
-    caches = self.caches(1)
-    if not all_logits: return self._prefill_compiled(list(ids))
+    caches, ids = self.caches(1), [int(i) for i in ids]
+    if not all_logits: return self._prefill_compiled(ids, self._common_prefix(ids))
     out = []
     for start in range(0, len(ids), self.prefill_chunk):
-      chunk = Tensor([list(ids[start:start + self.prefill_chunk])], dtype="int32", device=self.model.device)
+      chunk = Tensor([ids[start:start + self.prefill_chunk]], dtype="int32", device=self.model.device)
       out.append(self.model.prefill(chunk, self.pos_var.bind(start), caches).realize().numpy()[0])
+    self.held, self.prefilled = ids, self.prefilled + len(ids)
     return np.concatenate(out)
 
-  def _prefill_compiled(self, ids: list[int]) -> np.ndarray:
-    """Chunks padded to a power of two run as captured graphs. Padding is harmless: padded positions come
-    after every real token (the causal mask hides them) and decoding overwrites their cache rows first."""
+  def _common_prefix(self, ids: list[int]) -> int:
+    """How many leading tokens of ids the cache holds already, at most len(ids) - 1."""
+    n, limit = 0, min(len(self.held), len(ids) - 1)
+    while n < limit and self.held[n] == ids[n]: n += 1
+    return n
+
+  def _prefill_compiled(self, ids: list[int], begin: int) -> np.ndarray:
+    """ids[begin:] at positions begin.., in chunks padded to a power of two that run as captured graphs. Padding is
+    harmless: padded positions come after every real token (the causal mask hides them) and are not held."""
     logits = None
-    for start in range(0, len(ids), self.prefill_chunk):
+    for start in range(begin, len(ids), self.prefill_chunk):
       piece = ids[start:start + self.prefill_chunk]
       length = min(self.prefill_chunk, 1 << (len(piece) - 1).bit_length())
       if start + length > self.model.max_seq_len: length = len(piece)
       toks = Tensor([piece + [0] * (length - len(piece))], dtype="int32", device=self.model.device)
       logits = self._prefill_jit(length)(toks, self.pos_var.bind(start), self.last_var.bind(len(piece) - 1))
+    self.held, self.prefilled = ids, self.prefilled + len(ids) - begin
     return to_numpy(logits)[0]
 
   def step(self, token: int, pos: int) -> np.ndarray:
-    """Feed `token` at position `pos`; logits for the next position [vocab]."""
+    """Feed `token` at position `pos` (after the pos tokens the cache holds); logits for the next position [vocab]."""
     self.check_length(pos + 1)
+    if pos > len(self.held):
+      raise ValueError(f"cannot feed position {pos}: the cache holds {len(self.held)} tokens; prefill the sequence first")
     with Context(BEAM=self.beam):
-      return to_numpy(self.decode_logits(int(token), pos))[0]
+      logits = to_numpy(self.decode_logits(int(token), pos))[0]
+    del self.held[pos:]
+    self.held.append(int(token))
+    return logits
 
   # ---- batched rows (beam search, batches of prompts) -------------------------------------------------
   def prefill_rows(self, rows: Sequence[Sequence[int]]) -> np.ndarray:

@@ -139,14 +139,33 @@ def token_steps(decoder: Decoder, prompts: list[list[int]], cfg: GenerationConfi
                 rngs: list[np.random.Generator] | None = None) -> Iterator[TokenStep]:
   """The decode loop: one prompt through the compiled one-row step, several as one left-padded batch (each row
   stopping on its own and getting the tokens it would get alone). Sampling row b draws from rngs[b] (default: a
-  PCG64 stream seeded with cfg.seed per row, so a seed gives the same tokens in every process)."""
+  PCG64 stream seeded with cfg.seed per row, so a seed gives the same tokens in every process).
+
+  One prompt takes the decoder's lock for each step only, so streams consumed in turn (or from several threads)
+  each continue their own sequence: one that finds the cache holding another's prefills its own again. A batch
+  holds the lock until it is done."""
+  if len(prompts) == 1: yield from _steps(decoder, prompts, cfg, stopping, rngs)
+  else:
+    with decoder.lock: yield from _steps(decoder, prompts, cfg, stopping, rngs)
+
+
+def _continue(decoder: Decoder, seq: list[int]) -> np.ndarray:
+  """Logits after seq, whose last token is new: one decode step when the cache holds the rest of seq, else a
+  prefill (another sequence used the decoder in between; the prefill keeps what the cache shares with seq)."""
+  with decoder.lock:
+    if decoder.holds(seq[:-1]): return decoder.step(seq[-1], len(seq) - 1)
+    return decoder.prefill(seq)
+
+
+def _steps(decoder: Decoder, prompts: list[list[int]], cfg: GenerationConfig, stopping: Stopping,
+           rngs: list[np.random.Generator] | None) -> Iterator[TokenStep]:
   B, length = len(prompts), max(len(p) for p in prompts)
   rngs = rngs or [np.random.Generator(np.random.PCG64(cfg.seed)) for _ in prompts]
   timer, eos = Timer(sum(map(len, prompts))), sorted(stopping.eos_ids)
   if cfg.max_new_tokens == 0:
     for b in range(B): yield TokenStep(b, None, "length", **timer.rates(0))
     return
-  logits = decoder.prefill(prompts[0])[None] if B == 1 else decoder.prefill_rows(prompts)
+  logits = _continue(decoder, prompts[0])[None] if B == 1 else decoder.prefill_rows(prompts)
   timer.prefill_done()
   new: list[list[int]] = [[] for _ in prompts]
   live, step, decoded = list(range(B)), 0, 0   # decoded: tokens chosen from decode steps' logits
@@ -166,7 +185,7 @@ def token_steps(decoder: Decoder, prompts: list[list[int]], cfg: GenerationConfi
       yield TokenStep(b, token, reason, **timer.rates(decoded), logits=logits[b])
     if not live: break
     step += 1
-    if B == 1: logits = decoder.step(feed[0], len(prompts[0]) + len(new[0]) - 1)[None]
+    if B == 1: logits = _continue(decoder, prompts[0] + new[0])[None]
     else: logits = decoder.step_rows(feed, length + step - 1)
 
 

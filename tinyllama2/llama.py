@@ -87,7 +87,7 @@ class Llama:
 
   def logits(self, ids: Sequence[int]) -> np.ndarray:
     """[len(ids), vocab] float32 logits of a full forward pass from position 0."""
-    return self.decoder.prefill([int(i) for i in ids], all_logits=True)
+    with self.decoder.lock: return self.decoder.prefill([int(i) for i in ids], all_logits=True)
 
   def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str): return self.tokenizer.encode(prompt, bos=True)
@@ -104,8 +104,16 @@ class Llama:
 
     A list of prompts returns one Generation per prompt (decoded as one batch); num_return_sequences > 1 returns
     that many (best first for beam search). `Generation.tokens` holds the new ids without the eos that ended
-    generation (as OpenAI/llama.cpp report)."""
+    generation (as OpenAI/llama.cpp report).
+
+    Safe to call from several threads: whole generations run one after another (each as it would alone), and
+    streams, which take the model one step at a time, each continue their own sequence."""
     cfg = GenerationConfig.of(config, **settings)
+    if stream: return self._generate(prompt, cfg, stream=True)
+    with self.decoder.lock: return self._generate(prompt, cfg, stream=False)
+
+  def _generate(self, prompt: str | Sequence[int] | list, cfg: GenerationConfig,
+                stream: bool) -> Generation | TextStream | list[Generation]:
     if cfg.stop and self._tokenizer is None: raise ValueError("stop strings need a tokenizer")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list, tuple)):
       if stream: raise ValueError("stream=True takes a single prompt")
