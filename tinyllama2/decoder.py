@@ -1,12 +1,12 @@
 """`Decoder`: runs a Transformer over token streams — the owner of its KV caches and compiled steps.
 
 Prefill runs in chunks padded to a power of two, each length one captured graph; decoding one token is one
-captured graph with the token and the position as bound Variables, so generating never recompiles. The decoder
-remembers which tokens its one-row cache holds, so a prompt that shares a prefix with them (the next turn of a chat,
-the same prompt again) prefills only the rest, as llama.cpp's `cache_prompt` does. The one-token
+captured graph with the token and the position as bound Variables, so generating never recompiles. The one-token
 step goes through the fused kernels of `ops.fused_decode` where the model's layers allow (opt-in, on by default),
 else through `Transformer.decode_step`. Graphs are recaptured when the model says its weights changed
-(`Transformer.weights_changed`).
+(`Transformer.weights_changed`). The decoder remembers which tokens its one-row cache holds, so a prompt that shares
+a prefix with them (the next turn of a chat, the same prompt again) prefills only the rest, as llama.cpp's
+`cache_prompt` does.
 """
 from __future__ import annotations
 
@@ -56,11 +56,10 @@ class Decoder:
     if self._caches is None or self._caches[0].k.shape[0] != batch:
       self._caches = self.model.new_caches(batch)
       self.invalidate()
-      self.held = []
     return self._caches
 
   def invalidate(self) -> None:
-    """Forget every captured graph: the next call of each captures it again."""
+    """Forget every captured graph (the next call of each captures it again) and what the cache holds."""
     self._decode_jit.reset()
     self._replay = None
     self._batch_jit.reset()
@@ -127,7 +126,9 @@ class Decoder:
     self.held = []
 
   def holds(self, ids: Sequence[int]) -> bool:
-    """Whether cache row 0 holds the keys and values of exactly these tokens (and perhaps more after them)."""
+    """Whether cache row 0 holds the keys and values of exactly these tokens (and perhaps more after them), computed
+    with the model's current weights."""
+    self._fresh()
     return len(self.held) >= len(ids) and self.held[:len(ids)] == list(ids)
 
   def prefill(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
@@ -168,6 +169,7 @@ class Decoder:
   def step(self, token: int, pos: int) -> np.ndarray:
     """Feed `token` at position `pos` (after the pos tokens the cache holds); logits for the next position [vocab]."""
     self.check_length(pos + 1)
+    self._fresh()
     if pos > len(self.held):
       raise ValueError(f"cannot feed position {pos}: the cache holds {len(self.held)} tokens; prefill the sequence first")
     with Context(BEAM=self.beam):
