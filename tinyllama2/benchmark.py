@@ -208,6 +208,9 @@ def bench_one(model: str, device: str | None, dtype: str, prompt_len: int = 128,
   from tinygrad import GlobalCounters
   from .ops import cpu as cpu_kernels
   from .runtime import cpu_threads, hcq2_enabled
+  for name, v, lo, why in (("prompt_len", prompt_len, 1, ""), ("repeats", repeats, 1, ""),
+                           ("new_tokens", new_tokens, 4, " (3 warm-up steps are not timed)")):
+    if v < lo: raise ValueError(f"{name} must be at least {lo}{why}, got {v}")
   if threads is not None: cpu_threads.set_threads(threads)
   llm = build_model(model, device, dtype, prompt_len + new_tokens + 1, tokenizer, quantize)
   m, dec = llm.model, llm.decoder

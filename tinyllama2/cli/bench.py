@@ -10,6 +10,9 @@ from dataclasses import asdict
 
 from ..benchmark import SHAPES, BenchResult, bench_one, format_table, measure_read_bandwidth
 from ..devices import child_env, named_compiler
+from .common import int_flag
+
+BUG_HINT = "this is a bug"   # in the last line of a child's stderr: cli.run_cli's report of an unexpected error
 
 HELP = "prefill/decode speed, first-token latency, memory"
 
@@ -21,16 +24,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tokenizer", help="tokenizer.model for a model path (not needed for benchmarking)")
   p.add_argument("--device", action="append", help="tinygrad device(s) (repeatable; default $DEV, else CPU)")
   p.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"], help="dtype(s) (repeatable)")
-  p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens for prefill")
-  p.add_argument("--new-tokens", type=int, default=128, help="decode steps")
+  p.add_argument("--prompt-len", type=int_flag(1), default=128, help="prompt tokens for prefill")
+  p.add_argument("--new-tokens", type=int_flag(4), default=128, help="decode steps (at least 4: 3 warm-up steps are not timed)")
   p.add_argument("--quantize", action="append", choices=["none", "int8", "int4"], help="weight quantization(s)")
   p.add_argument("--profile", action="store_true", help="print the kernels of one decode step with time and GB/s "
                  "(per-kernel times need HCQ2=0 in the environment; bench/bench.py sets it)")
-  p.add_argument("--beam", type=int, default=0,
+  p.add_argument("--beam", type=int_flag(0), default=0,
                  help="compile decode with tinygrad BEAM search of this width (use after `tinyllama2 tune`)")
-  p.add_argument("--threads", type=int, action="append",
+  p.add_argument("--threads", type=int_flag(1), action="append",
                  help="threads per CPU decode kernel (repeatable, to compare; default: every core, at most 8)")
-  p.add_argument("--repeats", type=int, default=3, help="timed runs per row (and per llama.cpp reference); the best counts")
+  p.add_argument("--repeats", type=int_flag(1), default=3,
+                 help="timed runs per row (and per llama.cpp reference); the best counts")
   p.add_argument("--json", help="also write results as JSON to this file ('-' for stdout only)")
   p.add_argument("--llama-cpp", metavar="PYTHON", help="also run llama.cpp on the same weights, prompt and threads "
                  "with this Python, which has llama-cpp-python installed (CPU rows; int8/int4 as Q8_0/Q4_0)")
@@ -46,8 +50,11 @@ def _bench_in_subprocess(a: argparse.Namespace, model: str, device: str | None, 
         (["--tokenizer", a.tokenizer] if a.tokenizer else []) + (["--profile"] if a.profile else []) + \
         (["--threads", str(threads)] if threads else []) + (["--llama-cpp", a.llama_cpp] if a.llama_cpp else [])
   run = subprocess.run(cmd, capture_output=True, text=True, env=child_env(device) if device else None)
-  if run.returncode != 0: raise RuntimeError(f"bench of {model} {dtype}{'+' + quantize if quantize else ''} on "
-                                               f"{device or 'the default device'} failed:\n{run.stderr[-2000:]}")
+  if run.returncode != 0:
+    what = f"bench of {model} {dtype}{'+' + quantize if quantize else ''} on {device or 'the default device'}"
+    last = (run.stderr.strip().splitlines() or [""])[-1]
+    if last.startswith("error: ") and BUG_HINT not in last: raise ValueError(f"{what}: {last[7:]}")   # a user error
+    raise RuntimeError(f"{what} failed:\n{run.stderr[-2000:]}")
   if a.profile: print(run.stdout[:run.stdout.index("[")], end="")
   return BenchResult(**json.loads(run.stdout[run.stdout.index("["):])[0])
 
@@ -61,7 +68,9 @@ def _runs_here(device: str | None) -> bool:
 
 def main(a: argparse.Namespace) -> list[BenchResult]:
   from tqdm import tqdm
-  if a.repeats < 1: raise SystemExit(f"--repeats must be at least 1, got {a.repeats}")
+  if a.json and a.json != "-":
+    from ..fileio import check_out_file
+    check_out_file(a.json, "--json", force=True)   # an unwritable path fails now, not after the benchmark
   models = (a.model or []) + (a.shape or []) or ["stories15M"]
   devices, dtypes_ = a.device or [None], a.dtype or ["float32"]
   bw = measure_read_bandwidth()
@@ -74,7 +83,7 @@ def main(a: argparse.Namespace) -> list[BenchResult]:
                             profile=a.profile, beam=a.beam, threads=n, llama_cpp=a.llama_cpp, repeats=a.repeats))
       continue
     try: rows.append(_bench_in_subprocess(a, m, d, t, q, n))
-    except RuntimeError as e:   # one backend that fails (a driver, a compiler) must not lose the other rows
+    except (RuntimeError, ValueError) as e:   # one backend that fails (a driver, a compiler) must not lose the other rows
       if len(combos) == 1: raise
       lines = str(e).splitlines()
       failed.append(lines[0] + " " + next((x for x in reversed(lines) if "Error" in x), lines[-1]).strip())

@@ -4,8 +4,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+from typing import Callable
 
 DEFAULT_MODEL_HELP = "model: a Hugging Face or Meta directory, a .gguf file or a llama2.c .bin"
+
+
+def int_flag(lo: int = 1) -> Callable[[str], int]:
+  """An argparse type: an integer of at least `lo` (a bad value is a one-line usage error naming the flag)."""
+  def parse(text: str) -> int:
+    try: v = int(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < lo: raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+    return v
+  return parse
+
+
+def float_flag(lo: float = 0.0, above: bool = False, hi: float | None = None, below: bool = False) -> Callable[[str], float]:
+  """An argparse type: a finite number >= lo (> lo with above=True), and <= hi (< hi with below=True)."""
+  def parse(text: str) -> float:
+    try: v = float(text)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v): raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if v < lo or (above and v == lo):
+      raise argparse.ArgumentTypeError(f"must be {'greater than' if above else 'at least'} {lo:g}, got {v:g}")
+    if hi is not None and (v > hi or (below and v == hi)):
+      raise argparse.ArgumentTypeError(f"must be {'less than' if below else 'at most'} {hi:g}, got {v:g}")
+    return v
+  return parse
 
 
 def parse_rope_scaling(text: str | None) -> dict | None:
@@ -25,11 +51,11 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
   p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory to apply")
   p.add_argument("--device", help="tinygrad device, e.g. CPU, CL, CUDA, METAL (default: $DEV, else CPU)")
   p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: as stored)")
-  p.add_argument("--max-seq-len", type=int, help="context length (default: the checkpoint's trained context)")
+  p.add_argument("--max-seq-len", type=int_flag(1), help="context length (default: the checkpoint's trained context)")
   p.add_argument("--rope-scaling", help="override RoPE scaling: TYPE:FACTOR (linear, dynamic, llama3, yarn) or JSON")
   p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization (Q8_0 / Q4_0 blocks of 32)")
-  p.add_argument("--beam", type=int, default=0, help="use decode kernels tuned by `tinyllama2 tune --beam N`")
-  p.add_argument("--threads", type=int, help="threads per CPU decode kernel (default: every core, at most 8)")
+  p.add_argument("--beam", type=int_flag(0), default=0, help="use decode kernels tuned by `tinyllama2 tune --beam N`")
+  p.add_argument("--threads", type=int_flag(1), help="threads per CPU decode kernel (default: every core, at most 8)")
 
 
 def _generation_flags() -> list:
@@ -51,6 +77,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def sampling_kwargs(a: argparse.Namespace) -> dict:
   """The flags of add_sampling_args as generate() settings: --temperature 0 means greedy decoding."""
+  if a.temperature < 0: raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
   kw = {f.name: getattr(a, f.name) for f in _generation_flags()}
   kw.update(do_sample=a.temperature > 0, temperature=a.temperature or 1.0, stop=a.stop or None,
             early_stopping={"true": True, "false": False, "never": "never"}[a.early_stopping])
@@ -58,8 +85,10 @@ def sampling_kwargs(a: argparse.Namespace) -> dict:
 
 
 def load_model(a: argparse.Namespace):
-  from ..runtime import cpu_threads
+  from ..devices import resolve_device
   from ..llama import Llama
+  from ..runtime import cpu_threads
+  resolve_device(a.device)   # a device that does not work here is an error before the weights are read
   if getattr(a, "threads", None) is not None: cpu_threads.set_threads(a.threads)
   llm = Llama.from_pretrained(a.model, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
                               max_seq_len=a.max_seq_len, rope_scaling=parse_rope_scaling(a.rope_scaling),
@@ -69,18 +98,18 @@ def load_model(a: argparse.Namespace):
 
 
 def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
-  p.add_argument("--max-steps", type=int, default=steps, help="optimizer steps")
-  p.add_argument("--lr", type=float, default=lr, help="peak learning rate (after warmup)")
-  p.add_argument("--min-lr", type=float, help="final learning rate of the cosine schedule (default: lr/10)")
-  p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 5%% of max-steps)")
-  p.add_argument("--batch-size", type=int, default=batch, help="rows per micro-batch")
-  p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-  p.add_argument("--seq-len", type=int, default=256, help="tokens per row")
-  p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (not on norms)")
-  p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-  p.add_argument("--eval-every", type=int, default=100, help="held-out loss every N steps")
-  p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
-  p.add_argument("--seed", type=int, default=0, help="seed for init, data order and dropout")
+  p.add_argument("--max-steps", type=int_flag(1), default=steps, help="optimizer steps")
+  p.add_argument("--lr", type=float_flag(0, above=True), default=lr, help="peak learning rate (after warmup)")
+  p.add_argument("--min-lr", type=float_flag(0), help="final learning rate of the cosine schedule (default: lr/10)")
+  p.add_argument("--warmup-steps", type=int_flag(0), help="linear warmup steps (default: 5%% of max-steps)")
+  p.add_argument("--batch-size", type=int_flag(1), default=batch, help="rows per micro-batch")
+  p.add_argument("--grad-accum", type=int_flag(1), default=1, help="micro-batches per optimizer step")
+  p.add_argument("--seq-len", type=int_flag(1), default=256, help="tokens per row")
+  p.add_argument("--weight-decay", type=float_flag(0), default=0.1, help="AdamW weight decay (not on norms)")
+  p.add_argument("--grad-clip", type=float_flag(0), default=1.0, help="max gradient norm (0 = off)")
+  p.add_argument("--eval-every", type=int_flag(1), default=100, help="held-out loss every N steps")
+  p.add_argument("--save-every", type=int_flag(1), default=100, help="checkpoint every N steps")
+  p.add_argument("--seed", type=int_flag(0), default=0, help="seed for init, data order and dropout")
   p.add_argument("--out", required=True, help="output folder (checkpoints, metrics, the trained model)")
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
   p.add_argument("--device", help="tinygrad device (default: $DEV, else CPU)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import DEFAULT_MODEL_HELP, add_train_args, train_config_kwargs
+from .common import DEFAULT_MODEL_HELP, add_train_args, float_flag, int_flag, train_config_kwargs
 
 HELP = "LoRA or full supervised fine-tuning"
 
@@ -15,13 +15,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data", required=True, help="Alpaca / ShareGPT JSON (or JSONL), or a plain-text file")
   p.add_argument("--format", choices=["auto", "alpaca", "sharegpt", "text"], default="auto", help="data format")
   p.add_argument("--template", choices=["llama2", "plain"], default="llama2", help="how dialogues are rendered")
-  p.add_argument("--limit", type=int, help="use only the first N records")
+  p.add_argument("--limit", type=int_flag(1), help="use only the first N records")
   p.add_argument("--full", action="store_true", help="train the weights themselves instead of a LoRA adapter")
   p.add_argument("--freeze", action="append", default=[], help="with --full: freeze weights matching this glob")
-  p.add_argument("--freeze-layers", type=int, default=0, help="with --full: freeze the embeddings and first N blocks")
-  p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-  p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scale = alpha / r)")
-  p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
+  p.add_argument("--freeze-layers", type=int_flag(0), default=0, help="with --full: freeze the embeddings and first N blocks")
+  p.add_argument("--lora-r", type=int_flag(1), default=8, help="LoRA rank")
+  p.add_argument("--lora-alpha", type=float_flag(0, above=True), default=16.0, help="LoRA alpha (scale = alpha / r)")
+  p.add_argument("--lora-dropout", type=float_flag(0, hi=1, below=True), default=0.05, help="dropout on the LoRA input")
   p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated HF module names to adapt")
   add_train_args(p, steps=200, lr=1e-3, batch=8)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_train_args, train_config_kwargs
+from .common import add_train_args, int_flag, train_config_kwargs
 
 HELP = "train a tokenizer and a Llama from scratch on text"
 
@@ -11,11 +11,11 @@ HELP = "train a tokenizer and a Llama from scratch on text"
 def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data", nargs="+", required=True, help="plain-text corpus file(s)")
   p.add_argument("--config", help="a preset shape (e.g. stories15M) instead of the size flags")
-  p.add_argument("--dim", type=int, default=128, help="model width")
-  p.add_argument("--n-layers", type=int, default=6, help="transformer blocks")
-  p.add_argument("--n-heads", type=int, default=4, help="attention heads")
-  p.add_argument("--n-kv-heads", type=int, default=2, help="key/value heads (GQA)")
-  p.add_argument("--vocab-size", type=int, default=512, help="size of the tokenizer trained on --data")
+  p.add_argument("--dim", type=int_flag(1), default=128, help="model width")
+  p.add_argument("--n-layers", type=int_flag(1), default=6, help="transformer blocks")
+  p.add_argument("--n-heads", type=int_flag(1), default=4, help="attention heads")
+  p.add_argument("--n-kv-heads", type=int_flag(1), default=2, help="key/value heads (GQA)")
+  p.add_argument("--vocab-size", type=int_flag(1), default=512, help="size of the tokenizer trained on --data")
   p.add_argument("--tokenizer", help="use this tokenizer.model instead of training one")
   add_train_args(p, steps=1000, lr=2e-3, batch=16)
 

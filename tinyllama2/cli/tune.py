@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import int_flag
+
 HELP = "BEAM-search the decode kernels once (slow); later runs use --beam to reuse them"
 
 
@@ -12,7 +14,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--device", help="tinygrad device (default: $DEV, else CPU)")
   p.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"], help="dtype(s) to tune")
   p.add_argument("--quantize", choices=["int8", "int4"], help="tune the quantized kernels")
-  p.add_argument("--beam", type=int, default=2, help="BEAM width")
+  p.add_argument("--beam", type=int_flag(1), default=2, help="BEAM width")
 
 
 def main(a: argparse.Namespace) -> None:
