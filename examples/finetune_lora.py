@@ -9,7 +9,7 @@ model with `tinyllama2 merge --model MODEL --adapter OUT/adapter --out MERGED`.
 import argparse
 import sys
 
-from tinyllama2.cli import run_cli
+from tinyllama2.cli import ArgParser, add_debug_flag, run_cli
 from tinyllama2.cli.finetune import add_args as add_finetune_args, finetune_options
 
 
@@ -29,10 +29,11 @@ def run(a: argparse.Namespace) -> None:
 
 
 def main() -> int:
-  p = argparse.ArgumentParser(description="LoRA fine-tuning on instruction data, then chat with the result")
+  p = ArgParser(description="LoRA fine-tuning on instruction data, then chat with the result")
   add_finetune_args(p)
   p.add_argument("--prompt", default="Give three tips for staying healthy.", help="ask the tuned model this")
   p.add_argument("--max-new-tokens", type=int, default=64, help="length of the answer")
+  add_debug_flag(p)
   return run_cli(run, p.parse_args())
 
 

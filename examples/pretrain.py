@@ -7,14 +7,15 @@ The model lands in OUT/model (a Hugging Face directory): python examples/chat.py
 import argparse
 import sys
 
-from tinyllama2.cli import run_cli
+from tinyllama2.cli import ArgParser, add_debug_flag, run_cli
 from tinyllama2.cli.pretrain import add_args as add_pretrain_args, pretrain_options
 from tinyllama2.train.recipes import pretrain
 
 
 def main() -> int:
-  p = argparse.ArgumentParser(description="train a tokenizer and a small Llama from scratch")
+  p = ArgParser(description="train a tokenizer and a small Llama from scratch")
   add_pretrain_args(p)
+  add_debug_flag(p)
   a = p.parse_args()
   return run_cli(lambda a: pretrain(pretrain_options(a)), a)
 

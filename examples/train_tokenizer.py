@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tinyllama2.cli import run_cli
+from tinyllama2.cli import ArgParser, add_debug_flag, run_cli
 from tinyllama2.tokenizer import Tokenizer
 from tinyllama2.vocab import merge_vocab, train_vocab
 
@@ -38,12 +38,13 @@ def run(a: argparse.Namespace) -> None:
 
 
 def main() -> int:
-  p = argparse.ArgumentParser(description="train a Chinese BPE vocabulary and merge it into Llama's tokenizer")
+  p = ArgParser(description="train a Chinese BPE vocabulary and merge it into Llama's tokenizer")
   p.add_argument("--corpus", required=True, help="Chinese text (the last 10%% is held out)")
   p.add_argument("--base", required=True, help="the tokenizer.model to extend (Llama-2's)")
   p.add_argument("--english", help="English text that must tokenize unchanged")
   p.add_argument("--vocab-size", type=int, default=8000, help="size of the Chinese vocabulary to train")
   p.add_argument("--out", required=True, help="output folder (zh.model, merged.model)")
+  add_debug_flag(p)
   return run_cli(run, p.parse_args())
 
 
