@@ -12,6 +12,7 @@ from .beam import beam_generations
 from .checkpoint import load_checkpoint
 from .config import ModelArgs, warn_if_beyond_trained
 from .decoder import Decoder
+from .devices import resolve_device
 from .generate import Generation, GenerationConfig, Stopping, TextStream, eos_id_set, generations, token_steps
 from .model import Transformer
 from .rope import RopeScaling
@@ -46,6 +47,13 @@ class Llama:
       raise ValueError(f"unknown quantize={quantize!r}; use one of {', '.join(MODES)}")
     if adapter is not None and quantize is not None:
       raise ValueError("adapter= with quantize= is not supported: merge the adapter first (tinyllama2 merge)")
+    if max_seq_len is not None and (not isinstance(max_seq_len, (int, np.integer)) or max_seq_len <= 0):
+      raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+    if dtype is not None: resolve_dtype(dtype)
+    device = resolve_device(device)   # a device that does not work here fails before the weights are read
+    if adapter is not None:
+      from .lora import check_adapter_dir
+      check_adapter_dir(adapter)
     ckpt = load_checkpoint(path)
     args = ckpt.args
     tok_path = tokenizer if tokenizer is not None else ckpt.tokenizer_path
@@ -55,9 +63,7 @@ class Llama:
     if tok is not None and tok.vocab_size > args.vocab_size:
       raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model only {args.vocab_size} rows")
     if rope_scaling is not None: args = args.replace(rope_scaling=RopeScaling.from_dict(rope_scaling))
-    if max_seq_len is not None:
-      if max_seq_len <= 0: raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
-      warn_if_beyond_trained(args, max_seq_len)
+    if max_seq_len is not None: warn_if_beyond_trained(args, max_seq_len)
     floats = {k: v for k, v in ckpt.weights.items() if isinstance(v, np.ndarray)}
     stored = floats["tok_embeddings.weight"].dtype if "tok_embeddings.weight" in floats else None
     model = Transformer(args, max_seq_len=max_seq_len, dtype=resolve_dtype(dtype, stored), device=device)

@@ -132,8 +132,22 @@ def read_adapter_config(path: Path) -> LoraConfig:
     if c.get(key): raise ValueError(f"{f}: {key}={c[key]!r} is not supported (plain LoRA only)")
   targets = c.get("target_modules")
   if isinstance(targets, str): targets = [m for m in MODULES if re.fullmatch(targets, m) or re.search(rf"{targets}$", m)]
-  return LoraConfig(r=int(c["r"]), alpha=float(c.get("lora_alpha", 8)), dropout=float(c.get("lora_dropout") or 0.0),
-                    target_modules=list(targets or []), use_rslora=bool(c.get("use_rslora", False)))
+  try:
+    return LoraConfig(r=int(c["r"]), alpha=float(c.get("lora_alpha", 8)), dropout=float(c.get("lora_dropout") or 0.0),
+                      target_modules=list(targets or []), use_rslora=bool(c.get("use_rslora", False)))
+  except KeyError as e: raise ValueError(f"{f}: missing {e.args[0]!r}") from None
+  except (TypeError, ValueError) as e: raise ValueError(f"{f}: {e}") from None
+
+
+def check_adapter_dir(path: str | Path) -> LoraConfig:
+  """An adapter directory with its config and weights, checked before a (slow) model load."""
+  path = Path(path).expanduser()
+  if not path.exists(): raise FileNotFoundError(f"adapter not found: {path} (expected a PEFT LoRA adapter directory)")
+  if not path.is_dir(): raise NotADirectoryError(f"adapter {path} is a file; expected a PEFT LoRA adapter directory")
+  cfg = read_adapter_config(path)
+  if not (path / ADAPTER_WEIGHTS).is_file():
+    raise FileNotFoundError(f"{path}: no {ADAPTER_WEIGHTS} (only safetensors adapters are read)")
+  return cfg
 
 
 def load_adapter(model: Transformer, path: str | Path) -> LoraConfig:

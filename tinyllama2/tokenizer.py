@@ -38,12 +38,29 @@ class Tokenizer:
 
   def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
     if not isinstance(text, str): raise TypeError(f"encode expects a str, got {type(text).__name__}")
+    check_utf8(text)
     ids = self.sp.EncodeAsIds(text)
     return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-  def decode(self, ids: Sequence[int]) -> str: return self.sp.DecodeIds([int(i) for i in ids])
+  def _known(self, i: int) -> int:
+    """An id the tokenizer has; a model's vocabulary may have more rows than its tokenizer pieces (padding rows,
+    or a tokenizer that is not the model's), and such ids decode as the unknown piece instead of failing."""
+    return i if 0 <= i < self.vocab_size else max(self.sp.unk_id(), 0)
 
-  def id_to_piece(self, i: int) -> str: return self.sp.IdToPiece(int(i))
+  def decode(self, ids: Sequence[int]) -> str: return self.sp.DecodeIds([self._known(int(i)) for i in ids])
+
+  def id_to_piece(self, i: int) -> str: return self.sp.IdToPiece(self._known(int(i)))
+
+
+def check_utf8(text: str, what: str = "the text") -> None:
+  """Text from the command line or a terminal that was not UTF-8 reaches Python with lone surrogates (bytes it
+  could not decode); sentencepiece would fail on them deep inside."""
+  try: text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    code = ord(text[e.start])
+    bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+    raise ValueError(f"{what} is not valid UTF-8 ({bad} at character {e.start}); pass UTF-8 text "
+                     "(e.g. convert it with iconv)") from None
 
 
 class ChatTemplate(Protocol):

@@ -41,6 +41,25 @@ def is_chat_model(path: str) -> bool:
   return any(w in p.name.lower() for w in ("chat", "instruct"))
 
 
+def read_line(prompt: str) -> str:
+  """One line from the terminal; bytes that are not UTF-8 are an error naming them, not a failure in the tokenizer."""
+  from ..tokenizer import check_utf8
+  try: line = input(prompt)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"the input line is not valid UTF-8 (byte 0x{e.object[e.start]:02x}); type or pipe UTF-8 text") from None
+  check_utf8(line, "the input line")
+  return line
+
+
+def check_chat_args(system: str | None, prompt: str | None, gen_kwargs: dict) -> None:
+  """What can be checked before the model loads: text flags are UTF-8, generation settings are valid."""
+  from ..generate import GenerationConfig
+  from ..tokenizer import check_utf8
+  if system is not None: check_utf8(system, "--system")
+  if prompt is not None: check_utf8(prompt, "--prompt")
+  GenerationConfig.of(**gen_kwargs)
+
+
 class Conversation:
   """The turns of a chat and the prompt they make, kept within the context: when a prompt (plus room for an answer)
   would not fit, the oldest whole turns after the system prompt are dropped; a message too long on its own is cut to
@@ -109,7 +128,7 @@ def chat_loop(llm, system: str | None, template: str, prompt: str | None, gen_kw
   if interactive: print(f"tinyllama2 chat ({'chat format' if use_chat else 'text continuation'}); Ctrl-D to quit")
   while True:
     if interactive:
-      try: user = input("> ")
+      try: user = read_line("> ")
       except (EOFError, KeyboardInterrupt):
         print()
         return
@@ -136,4 +155,6 @@ def chat_loop(llm, system: str | None, template: str, prompt: str | None, gen_kw
 
 
 def main(a: argparse.Namespace) -> None:
-  chat_loop(load_model(a), a.system, a.template, a.prompt, sampling_kwargs(a), a.model, a.ctx_policy)
+  kw = sampling_kwargs(a)
+  check_chat_args(a.system, a.prompt, kw)
+  chat_loop(load_model(a), a.system, a.template, a.prompt, kw, a.model, a.ctx_policy)

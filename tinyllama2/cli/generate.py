@@ -17,8 +17,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(a: argparse.Namespace) -> None:
-  llm = load_model(a)
+  from ..generate import GenerationConfig
+  from ..tokenizer import check_utf8
+  check_utf8(a.prompt, "--prompt")
   kw = sampling_kwargs(a)
+  GenerationConfig.of(**kw)   # bad settings fail before the model loads
+  llm = load_model(a)
   if a.json or a.num_beams > 1 or a.num_return_sequences > 1:
     gens = llm.generate(a.prompt, **kw)
     gens = gens if isinstance(gens, list) else [gens]
