@@ -67,10 +67,11 @@ def merge_vocab(base: str | Path, add: str | Path, out: str | Path) -> tuple[int
   base, add, out = Path(base), Path(add), Path(out)
   for p in (base, add):
     if not p.is_file(): raise FileNotFoundError(f"tokenizer not found: {p}")
-  try:
-    base_pieces, base_rest = parse_model(base.read_bytes())
-    add_pieces, _ = parse_model(add.read_bytes())
-  except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"not a SentencePiece model: {e}") from None
+  parsed = []
+  for p in (base, add):
+    try: parsed.append(parse_model(p.read_bytes()))
+    except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"{p}: not a SentencePiece model ({e})") from None
+  (base_pieces, base_rest), (add_pieces, _) = parsed
   if not base_pieces: raise ValueError(f"{base}: holds no pieces; is it a SentencePiece .model file?")
   have = {p.piece for p in base_pieces}
   lowest = min(p.score for p in base_pieces)
@@ -106,18 +107,17 @@ def resize_embeddings(weights: dict, new_vocab: int, tie_embeddings: bool) -> di
   return out
 
 
-def resize_model(model: str | Path, tokenizer: str | Path, out: str | Path) -> int:
+def resize_model(model: str | Path, tokenizer: str | Path, out: str | Path, force: bool = False) -> int:
   """Write MODEL (any format) with its vocabulary grown to TOKENIZER's size as a Hugging Face directory."""
-  import sentencepiece as spm
-
   from .checkpoint import hf, load_checkpoint
-  out = Path(out)
-  if out.exists() and any(out.iterdir()): raise ValueError(f"{out} already exists and is not empty; choose another --out")
+  from .fileio import check_out_dir, write_dir
+  from .tokenizer import Tokenizer
+  out = check_out_dir(out, "--out", force)
+  n = Tokenizer(tokenizer).vocab_size   # a missing or broken tokenizer fails before the model is read
   ckpt = load_checkpoint(model)
-  sp = spm.SentencePieceProcessor()
-  try: sp.Load(str(tokenizer))
-  except (OSError, RuntimeError) as e: raise ValueError(f"{tokenizer}: not a SentencePiece model ({e})") from None
-  n = sp.vocab_size()
+  if n < ckpt.args.vocab_size:
+    raise ValueError(f"tokenizer {tokenizer} has {n} pieces, fewer than the model's {ckpt.args.vocab_size} rows; "
+                     "resize only grows a vocabulary")
   weights = resize_embeddings(ckpt.float_weights(), n, ckpt.args.tie_embeddings)
-  hf.save(out, ckpt.args.replace(vocab_size=n), weights, tokenizer_model=tokenizer)
+  write_dir(out, lambda d: hf.save(d, ckpt.args.replace(vocab_size=n), weights, tokenizer_model=tokenizer))
   return n

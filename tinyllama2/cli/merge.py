@@ -14,13 +14,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--adapter", required=True, help="PEFT-format LoRA adapter directory")
   p.add_argument("--tokenizer", help="tokenizer.model path when it is not beside the weights")
   p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--force", action="store_true", help="write into an existing non-empty folder")
 
 
 def main(a: argparse.Namespace) -> None:
+  from ..fileio import check_out_dir
   from ..llama import Llama
+  from ..lora import check_adapter_dir
   from ..train.recipes import export_hf
-  out = Path(a.out)
-  if out.exists() and any(out.iterdir()): raise ValueError(f"{out} already exists and is not empty; choose another --out")
+  out = check_out_dir(a.out, "--out", a.force)
+  check_adapter_dir(Path(a.adapter))
   llm = Llama.from_pretrained(a.model, tokenizer=a.tokenizer, adapter=a.adapter, dtype="float32")
   export_hf(llm.model, out, llm._tokenizer)
   print(f"wrote the merged model to {out}")
