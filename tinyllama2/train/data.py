@@ -66,7 +66,7 @@ def tokenize_corpus(path: str | Path, tokenizer: Tokenizer, cache: Path | None =
   arr = np.asarray(stream, dtype=np.int32)
   try:
     with atomic_write(cached) as f: np.save(f, arr)
-  except OSError as e: warnings.warn(f"could not cache tokens in {cached}: {e}")
+  except OSError as e: warnings.warn(f"could not cache tokens in {cached}: {e}", stacklevel=2)
   return arr
 
 
@@ -80,14 +80,49 @@ def text_blocks(paths: Sequence[str | Path], tokenizer: Tokenizer, seq_len: int)
 
 
 # ---- instruction data ---------------------------------------------------------------------------
-def _load_records(path: Path) -> list:
-  text = _read_text(path)
-  try:
-    if path.suffix == ".jsonl": return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
-  except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e})") from None
-  if not isinstance(data, list): raise ValueError(f"{path}: expected a JSON list of records")
-  return data
+def json_layout(text: str) -> str:
+  """How a data file is laid out, by its first non-blank character: '[' a JSON list of records ("array"), '{' one
+  JSON record per line ("jsonl"), anything else plain text ("text")."""
+  return {"[": "array", "{": "jsonl"}.get(text.lstrip("\ufeff \t\r\n")[:1], "text")
+
+
+def _json_error(path: Path, e: json.JSONDecodeError, how: str) -> ValueError:
+  return ValueError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); {how} (for plain text "
+                    "use --format text)")
+
+
+def load_records(path: str | Path) -> tuple[list, str]:
+  """The records of a JSON list or JSONL file and its layout ("array" or "jsonl"). A file that looks like JSON but
+  does not parse is an error naming the line, never read as something else."""
+  path = Path(path)
+  text = _read_text(path).lstrip("\ufeff")
+  layout = json_layout(text)
+  if layout == "text":
+    raise ValueError(f"{path}: not JSON (it does not start with '[' or '{{'); for plain text use --format text")
+  if layout == "array":
+    try: data = json.loads(text)
+    except json.JSONDecodeError as e: raise _json_error(path, e, "a file starting with '[' is read as one JSON list") from None
+    if not isinstance(data, list): raise ValueError(f"{path}: expected a JSON list of records")
+    return data, layout
+  records = []
+  for n, line in enumerate(text.split("\n"), 1):   # not splitlines: JSON strings may hold U+2028
+    if not line.strip(): continue
+    try: records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if n == 1 and _is_one_object(text):
+        raise ValueError(f"{path}: holds one JSON object; expected a JSON list of records or JSONL (one record per "
+                         "line)") from None
+      raise ValueError(f"{path} line {n}: not valid JSON ({e.msg}: column {e.colno}); a file starting with '{{' is read "
+                       "as JSONL, one complete record per line") from None
+  return records, layout
+
+
+def _is_one_object(text: str) -> bool:
+  try: return isinstance(json.loads(text), dict)
+  except json.JSONDecodeError: return False
+
+
+def _load_records(path: Path) -> list: return load_records(path)[0]
 
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -126,20 +161,31 @@ def sft_blocks(path: str | Path, tokenizer: Tokenizer, seq_len: int, template: L
   """One row per record, rendered with the chat template, padded with EOS; only assistant tokens are weighted."""
   path = Path(path)
   template = template or Llama2ChatTemplate()
-  rows, weights, truncated = [], [], 0
-  for i, rec in enumerate(_load_records(path)[:limit]):
+  rows, weights, truncated, dropped, longest = [], [], 0, 0, 0
+  records = _load_records(path)[:limit]
+  if not records: raise ValueError(f"{path}: holds no records")
+  for i, rec in enumerate(records):
     where = f"{path} record {i}"
     try: ids, mask = template.encode_for_training(record_messages(rec, where), tokenizer)
     except ValueError as e:
       raise ValueError(str(e) if str(e).startswith(str(path)) else f"{where}: {e}") from None
+    longest = max(longest, len(ids))
     if len(ids) > seq_len + 1: ids, mask, truncated = ids[:seq_len + 1], mask[:seq_len + 1], truncated + 1
     w = np.zeros(seq_len, dtype=np.float32)
     w[:len(ids) - 1] = mask[1:]
-    if not w.any(): continue   # the answer was cut off entirely
+    if not w.any():   # the answer was cut off entirely: nothing of it to learn
+      dropped += 1
+      continue
     rows.append(ids + [tokenizer.eos_id] * (seq_len + 1 - len(ids)))
     weights.append(w)
-  if truncated: warnings.warn(f"{path}: {truncated} record(s) longer than {seq_len + 1} tokens were truncated")
-  if not rows: raise ValueError(f"{path}: no usable records")
+  why = (f"their answer starts after the first {seq_len + 1} tokens (--seq-len {seq_len}), so no answer token "
+         f"is left to train on; the longest record has {longest} tokens")
+  if not rows: raise ValueError(f"{path}: no usable records: all {len(records)} dropped, {why}; raise --seq-len")
+  if dropped: warnings.warn(f"{path}: {dropped} of {len(records)} records dropped: {why}; raise --seq-len to keep them",
+                            stacklevel=2)
+  if truncated > dropped:
+    warnings.warn(f"{path}: {truncated - dropped} record(s) longer than {seq_len + 1} tokens were truncated "
+                  f"(the longest has {longest})", stacklevel=2)
   return Blocks(np.asarray(rows, dtype=np.int32), np.stack(weights))
 
 

@@ -18,8 +18,9 @@ from ..checkpoint import hf
 from ..config import PRESETS, ModelArgs
 from ..model import Transformer
 from ..tokenizer import Llama2ChatTemplate, PlainTemplate, Tokenizer
-from .data import sft_blocks, text_blocks
-from .trainer import TrainConfig, Trainer
+from ..fileio import check_writable, user_entries
+from .data import json_layout, load_records, sft_blocks, text_blocks
+from .trainer import TrainConfig, Trainer, check_training_memory, latest_checkpoint
 
 
 def export_hf(model: Transformer, out: Path, tokenizer: Tokenizer | None) -> None:
@@ -33,8 +34,17 @@ def export_hf(model: Transformer, out: Path, tokenizer: Tokenizer | None) -> Non
 
 
 def _check_out(out: Path, resume: bool) -> None:
-  if out.exists() and any(out.iterdir()) and not resume:
-    raise ValueError(f"{out} already exists and is not empty: pass --resume to continue that run, or choose another --out")
+  """Before any work: --out is a folder we may write, holding a checkpoint to resume from with --resume (as HF's
+  Trainer, which raises "no valid checkpoint found") and nothing of the user's without it."""
+  if out.exists() and not out.is_dir():
+    raise NotADirectoryError(f"--out {out} is a file, but training writes a folder; choose another --out")
+  if resume:
+    if latest_checkpoint(out / "checkpoints") is None:
+      raise FileNotFoundError(f"--resume: no valid checkpoint found in {out / 'checkpoints'}; drop --resume to start "
+                              "a new run (in a new or empty --out)")
+  elif out.is_dir() and user_entries(out):
+    raise FileExistsError(f"{out} already exists and is not empty: pass --resume to continue that run, or choose another --out")
+  check_writable(out, "--out")
 
 
 # ---- pretraining --------------------------------------------------------------------------------
@@ -68,8 +78,15 @@ def pretrain_model_args(o: PretrainOptions, vocab_size: int) -> ModelArgs:
 def pretrain(o: PretrainOptions, progress: bool = True) -> Trainer:
   """Train a tokenizer on the corpus (unless one is given), then a Llama from scratch; export to OUT/model."""
   from ..vocab import train_vocab
+  from ..devices import resolve_device
   out = Path(o.out)
   _check_out(out, o.resume)
+  device = resolve_device(o.device)
+  for p in map(Path, o.data):
+    if not p.is_file(): raise FileNotFoundError(f"training data not found: {p}")
+  cfg = TrainConfig(out_dir=str(out), **o.train)
+  cfg.validate()
+  check_training_memory(pretrain_model_args(o, o.vocab_size), cfg.batch_size, o.seq_len, device)
   tok_path = Path(o.tokenizer) if o.tokenizer else out / "tokenizer.model"
   if not tok_path.is_file():
     if o.tokenizer: raise FileNotFoundError(f"tokenizer not found: {tok_path}")
@@ -77,8 +94,7 @@ def pretrain(o: PretrainOptions, progress: bool = True) -> Trainer:
   tok = Tokenizer(tok_path)
   args = pretrain_model_args(o, tok.vocab_size)
   train, val = text_blocks(o.data, tok, o.seq_len).split(o.val_fraction)
-  cfg = TrainConfig(out_dir=str(out), **o.train)
-  model = Transformer(args, max_seq_len=o.seq_len, device=o.device)
+  model = Transformer(args, max_seq_len=o.seq_len, device=device)
   model.init_random(seed=cfg.seed)
   trainer = Trainer(model, model.state_dict(), train, val, cfg, on_save=lambda _: export_hf(model, out / "model", tok))
   if o.resume and trainer.resume() and progress: print(f"resumed at step {trainer.step}")
@@ -112,12 +128,22 @@ class FinetuneOptions:
   train: dict = field(default_factory=dict)
 
 
-def _detect_format(path: Path) -> str:
-  if path.suffix in (".txt", ".md"): return "text"
-  try: first = json.loads(path.read_text(encoding="utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError): return "text"
-  rec = first[0] if isinstance(first, list) and first else {}
-  return "sharegpt" if isinstance(rec, dict) and "conversations" in rec else "alpaca"
+def detect_format(path: Path) -> tuple[str, str]:
+  """--format auto, by content: a file starting with '[' is a JSON list of records, one starting with '{' JSONL;
+  their records are ShareGPT when the first has 'conversations', else Alpaca. Any other file is plain text, except
+  a .json/.jsonl file, which must be JSON. A JSON file that does not parse is an error, never read as text.
+  Returns (format, what was found, for the report)."""
+  from .data import _read_text
+  layout = "text" if path.suffix in (".txt", ".md") else json_layout(_read_text(path))
+  if layout == "text":
+    if path.suffix in (".json", ".jsonl"):
+      raise ValueError(f"{path}: not JSON (it does not start with '[' or '{{'); pass --format text to train on it as text")
+    return "text", "plain text"
+  records, layout = load_records(path)
+  first = records[0] if records else {}
+  fmt = "sharegpt" if isinstance(first, dict) and "conversations" in first else "alpaca"
+  how = "a JSON list" if layout == "array" else "JSONL"
+  return fmt, f"{how} of {len(records)} {'ShareGPT' if fmt == 'sharegpt' else 'Alpaca'} records"
 
 
 def frozen_names(names: list[str], patterns: list[str], first_layers: int) -> set[str]:
@@ -129,22 +155,40 @@ def frozen_names(names: list[str], patterns: list[str], first_layers: int) -> se
   return out
 
 
+def _finetune_checks(o: FinetuneOptions, progress: bool):
+  """Everything that can fail before the model loads: output folder, device, data format, settings, memory.
+  Returns (device, format, TrainConfig, LoraConfig or None)."""
+  from .. import lora
+  from ..checkpoint import load_checkpoint
+  from ..devices import resolve_device
+  _check_out(Path(o.out), o.resume)
+  device = resolve_device(o.device)
+  if o.format not in ("auto", "alpaca", "sharegpt", "text"):
+    raise ValueError(f"unknown --format {o.format!r} (auto, alpaca, sharegpt or text)")
+  data = Path(o.data)
+  if not data.is_file(): raise FileNotFoundError(f"training data not found: {data}")
+  fmt, found = detect_format(data) if o.format == "auto" else (o.format, "")
+  if progress and found: print(f"data: {data} is {found} (--format auto; pass --format to choose)")
+  cfg = TrainConfig(out_dir=str(o.out), **o.train)
+  cfg.validate()
+  lcfg = lora.LoraConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout, target_modules=o.target_modules) \
+    if o.lora else None
+  check_training_memory(load_checkpoint(o.model).args, cfg.batch_size, o.seq_len, device)
+  return device, fmt, cfg, lcfg
+
+
 def finetune(o: FinetuneOptions, progress: bool = True) -> Trainer:
   """LoRA (→ OUT/adapter) or full/partial (→ OUT/model) supervised fine-tuning of a pretrained model."""
   from .. import lora
   from ..llama import Llama
   out = Path(o.out)
-  _check_out(out, o.resume)
-  llm = Llama.from_pretrained(o.model, tokenizer=o.tokenizer, device=o.device, dtype="float32", max_seq_len=o.seq_len)
+  device, fmt, cfg, lcfg = _finetune_checks(o, progress)
+  llm = Llama.from_pretrained(o.model, tokenizer=o.tokenizer, device=device, dtype="float32", max_seq_len=o.seq_len)
   tok, model = llm.tokenizer, llm.model
-  fmt = _detect_format(Path(o.data)) if o.format == "auto" else o.format
-  if fmt not in ("alpaca", "sharegpt", "text"): raise ValueError(f"unknown --format {fmt!r} (alpaca, sharegpt or text)")
   if fmt == "text": blocks = text_blocks([o.data], tok, o.seq_len)
   else: blocks = sft_blocks(o.data, tok, o.seq_len, Llama2ChatTemplate() if o.template == "llama2" else PlainTemplate(), o.limit)
   train, val = blocks.split(o.val_fraction)
-  cfg = TrainConfig(out_dir=str(out), **o.train)
   if o.lora:
-    lcfg = lora.LoraConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout, target_modules=o.target_modules)
     params = lora.inject(model, lcfg, seed=cfg.seed)
     def on_save(_): lora.save_adapter(model, out / "adapter", lcfg, base_model=str(o.model))
   else:

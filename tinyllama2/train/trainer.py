@@ -22,6 +22,7 @@ from tinygrad import Context, Tensor, TinyJit, dtypes
 from tinygrad.nn.optim import AdamW, OptimizerGroup
 
 from ..checkpoint import safetensors
+from ..config import ModelArgs
 from ..fileio import write_text
 from ..model import Transformer
 from ..runtime import rng
@@ -52,6 +53,8 @@ class TrainConfig:
     for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep_checkpoints"):
       if getattr(self, name) < 1: raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
     if self.lr <= 0 or self.min_lr < 0: raise ValueError(f"learning rates must be positive (lr={self.lr}, min_lr={self.min_lr})")
+    for name in ("warmup_steps", "weight_decay", "grad_clip", "seed"):
+      if getattr(self, name) < 0: raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def lr_at(step: int, c: TrainConfig) -> float:
@@ -59,6 +62,32 @@ def lr_at(step: int, c: TrainConfig) -> float:
   if step < c.warmup_steps: return c.lr * (step + 1) / c.warmup_steps
   progress = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
   return c.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (c.lr - c.min_lr)
+
+
+def available_memory() -> int | None:
+  """Bytes of memory this process could still get (MemAvailable + free swap), None where unknown."""
+  try: info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+  except OSError: return None
+  try: return (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])) * 1024
+  except (KeyError, ValueError, IndexError): return None
+
+
+def training_memory(args: ModelArgs, batch_size: int, seq_len: int) -> int:
+  """A lower bound on the bytes one training micro-step holds: every layer's attention probabilities
+  [batch, heads, seq, seq] float32 (kept for the backward pass) and the logits with their gradient."""
+  return 4 * batch_size * seq_len * (args.n_layers * args.n_heads * seq_len + 2 * args.vocab_size)
+
+
+def check_training_memory(args: ModelArgs, batch_size: int, seq_len: int, device: str) -> None:
+  """On the CPU, refuse a batch that cannot fit before anything is allocated (instead of an out-of-memory error
+  after minutes of tokenizing and compiling)."""
+  if not device.startswith("CPU") or (avail := available_memory()) is None: return
+  need = training_memory(args, batch_size, seq_len)
+  if need <= avail: return
+  fits = next((n for n in (2 ** k for k in range(20, 2, -1)) if training_memory(args, batch_size, n) <= avail), None)
+  hint = f"use --seq-len {fits} or less (or a smaller --batch-size)" if fits else "use a smaller --batch-size"
+  raise MemoryError(f"--seq-len {seq_len} with --batch-size {batch_size} needs at least {need / 2**30:.1f} GiB for "
+                    f"training, but {avail / 2**30:.1f} GiB of memory is available; {hint}")
 
 
 def _no_decay(name: str) -> bool: return name.endswith(("norm.weight", "bias"))
