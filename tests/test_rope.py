@@ -89,8 +89,28 @@ def test_long_sequence_through_model(scaling):
   logits = llm.logits(tokens)
   assert np.isfinite(logits).all()
   s = args.rope_scaling
-  if s is None or s.type != "dynamic":  # numpy angles from the formula; yarn's attention factor scales q and k
-    angles = np.outer(np.arange(40), inv_freq(8, 10000.0, s, 16))
-    scale = (0.1 * math.log(2.0) + 1) if s is not None and s.type == "yarn" else 1.0
-    w = {k: v.numpy() for k, v in model.state_dict().items()}
-    np.testing.assert_allclose(logits, reference_numpy.forward(w, args, tokens, angles, scale), atol=2e-4, rtol=1e-4)
+  # numpy angles from the formula (dynamic: HF's forward rotates the whole prompt with the frequencies of its
+  # length); yarn's attention factor scales q and k
+  angles = np.outer(np.arange(40), inv_freq(8, 10000.0, s, 16, seq_len=40))
+  scale = (0.1 * math.log(2.0) + 1) if s is not None and s.type == "yarn" else 1.0
+  w = {k: v.numpy() for k, v in model.state_dict().items()}
+  np.testing.assert_allclose(logits, reference_numpy.forward(w, args, tokens, angles, scale), atol=2e-4, rtol=1e-4)
+
+
+def test_dynamic_ntk_prefill_and_decode_match_hf():
+  """Dynamic NTK past the trained context (16): a prompt prefilled in one call is rotated with the frequencies of
+  its length L (HF's forward), the next token with those of L + 1 while the cached keys keep theirs (HF's
+  incremental decoding); generate's compiled prefill and logits() agree."""
+  args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=48,
+                   max_position_embeddings=16, rope_scaling={"type": "dynamic", "factor": 2.0})
+  model = Transformer(args, max_seq_len=48)
+  model.init_random(seed=4, std=0.2)
+  llm, s = Llama(model, None), args.rope_scaling
+  tokens = np.random.default_rng(1).integers(0, 50, 30).tolist()
+  w = {k: v.numpy() for k, v in model.state_dict().items()}
+  angles = np.outer(np.arange(31), inv_freq(8, 10000.0, s, 16, seq_len=30))
+  angles[30] = 30 * inv_freq(8, 10000.0, s, 16, seq_len=31)
+  ref = reference_numpy.forward(w, args, tokens + [7], angles)
+  np.testing.assert_allclose(llm.logits(tokens), ref[:30], atol=2e-4, rtol=1e-4)
+  np.testing.assert_allclose(llm.decoder.prefill(tokens), ref[29], atol=2e-4, rtol=1e-4)
+  np.testing.assert_allclose(llm.decoder.step(7, 30), ref[30], atol=2e-4, rtol=1e-4)

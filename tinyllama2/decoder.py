@@ -40,6 +40,7 @@ class Decoder:
     self.last_var = Variable("last", 0, model.max_seq_len - 1)
     self._caches: list[KVCache] | None = None
     self.held: list[int] = []      # tokens whose keys and values cache row 0 holds, from position 0
+    self._reusable = True          # False while they were rotated for one prompt's length (dynamic NTK)
     self.prefilled = 0             # tokens run through prefill so far (padding not counted)
     self.lock = threading.RLock()
     self._bias: Tensor | None = None   # [rows, max_seq_len] key bias of the batched rows (left padding)
@@ -139,13 +140,18 @@ class Decoder:
     self.check_length(len(ids))
     self._fresh()
     caches, ids = self.caches(1), [int(i) for i in ids]
-    if not all_logits: return self._prefill_compiled(ids, self._common_prefix(ids))
+    rope = self.model.prompt_rope(len(ids))   # dynamic NTK past the trained context: all chunks rotate alike
+    if not all_logits and rope is None:
+      logits = self._prefill_compiled(ids, self._common_prefix(ids) if self._reusable else 0)
+      self._reusable = True
+      return logits
     out = []
     for start in range(0, len(ids), self.prefill_chunk):
       chunk = Tensor([ids[start:start + self.prefill_chunk]], dtype="int32", device=self.model.device)
-      out.append(self.model.prefill(chunk, self.pos_var.bind(start), caches).realize().numpy()[0])
-    self.held, self.prefilled = ids, self.prefilled + len(ids)
-    return np.concatenate(out)
+      out.append(self.model.prefill(chunk, self.pos_var.bind(start), caches, rope=rope).realize().numpy()[0])
+    # keys rotated for this prompt's length alone are continued by decode steps, never reused by another prompt
+    self.held, self.prefilled, self._reusable = ids, self.prefilled + len(ids), rope is None
+    return np.concatenate(out) if all_logits else out[-1][-1]
 
   def _common_prefix(self, ids: list[int]) -> int:
     """How many leading tokens of ids the cache holds already, at most len(ids) - 1."""
@@ -192,9 +198,11 @@ class Decoder:
     for b, r in enumerate(rows): bias[b, :length - len(r)] = self.PAD_BIAS
     self._bias = Tensor(bias, device=dev).realize()
     padded = [[0] * (length - len(r)) + list(r) for r in rows]
+    rope = self.model.prompt_rope(length)
     for start in range(0, length, self.prefill_chunk):
       chunk = Tensor([p[start:start + self.prefill_chunk] for p in padded], dtype="int32", device=dev)
-      h = self.model.forward_hidden(self.model.embed(chunk), self.pos_var.bind(start), caches, key_bias=self._bias)
+      h = self.model.forward_hidden(self.model.embed(chunk), self.pos_var.bind(start), caches, key_bias=self._bias,
+                                    rope=rope)
       logits = self.model.logits_from_hidden(h[:, -1:, :]).realize()
     return logits.numpy()[:, 0, :]
 

@@ -165,7 +165,9 @@ def _steps(decoder: Decoder, prompts: list[list[int]], cfg: GenerationConfig, st
   if cfg.max_new_tokens == 0:
     for b in range(B): yield TokenStep(b, None, "length", **timer.rates(0))
     return
-  logits = _continue(decoder, prompts[0])[None] if B == 1 else decoder.prefill_rows(prompts)
+  if B == 1:
+    with decoder.lock: logits = decoder.prefill(prompts[0])[None]   # keeps a prefix the cache holds
+  else: logits = decoder.prefill_rows(prompts)
   timer.prefill_done()
   new: list[list[int]] = [[] for _ in prompts]
   live, step, decoded = list(range(B)), 0, 0   # decoded: tokens chosen from decode steps' logits

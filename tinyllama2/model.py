@@ -46,8 +46,9 @@ class RopeTables:
   """cos and sin of every position's RoPE angles, [max_seq_len, head_dim / 2] (slots: not parameters)."""
   __slots__ = ("cos", "sin")
 
-  def __init__(self, args: ModelArgs, max_seq_len: int, device: str):
-    cos, sin = rope_tables(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings, max_seq_len)
+  def __init__(self, args: ModelArgs, max_seq_len: int, device: str, prompt_len: int | None = None):
+    cos, sin = rope_tables(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings, max_seq_len,
+                           prompt_len)
     self.cos, self.sin = Tensor(cos, device=device).realize(), Tensor(sin, device=device).realize()
 
 
@@ -199,13 +200,20 @@ class Transformer:
     self.weights_changed()
 
   # ---- forward ----------------------------------------------------------------------------------
+  def prompt_rope(self, n: int) -> RopeTables | None:
+    """With dynamic NTK scaling a prompt longer than the trained context, prefilled in one call, is rotated with
+    the frequencies of its full length (as Hugging Face's forward does); None where the model's own tables apply."""
+    s = self.args.rope_scaling
+    if s is None or s.type != "dynamic" or n <= self.args.max_position_embeddings: return None
+    return RopeTables(self.args, self.max_seq_len, self.device, prompt_len=n)
+
   def forward_hidden(self, x: Tensor, start_pos: int | UOp, caches: list[KVCache] | None,
-                     key_bias: Tensor | None = None) -> Tensor:
+                     key_bias: Tensor | None = None, rope: RopeTables | None = None) -> Tensor:
     """Hidden states after the final norm; with caches, keys and values are written at start_pos.. and attention
     reads the cache (decoding, prefill), without them (training) only this call's tokens from position 0."""
     if caches is not None: x = ops.inference_activations(x)
     for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
-      x = layer(x, start_pos, self.rope, cache, key_bias)
+      x = layer(x, start_pos, rope or self.rope, cache, key_bias)
     return self.norm(x)
 
   def __call__(self, tokens: Tensor) -> Tensor:
@@ -222,9 +230,9 @@ class Transformer:
     onehot = Tensor.arange(w.shape[0]) == tokens.unsqueeze(-1)
     return onehot.unsqueeze(-1).where(w, 0).sum(-2, dtype=w.dtype)
 
-  def prefill(self, tokens: Tensor, start_pos: int | UOp, caches: list[KVCache]) -> Tensor:
+  def prefill(self, tokens: Tensor, start_pos: int | UOp, caches: list[KVCache], rope: RopeTables | None = None) -> Tensor:
     """Run tokens [B, T] at positions start_pos.. through the model, filling the caches; float32 logits of every row."""
-    return self.logits_from_hidden(self.forward_hidden(self.embed(tokens), start_pos, caches))
+    return self.logits_from_hidden(self.forward_hidden(self.embed(tokens), start_pos, caches, rope=rope))
 
   def prefill_last(self, tokens: Tensor, start_pos: UOp, last: UOp, caches: list[KVCache]) -> Tensor:
     """Prefill tokens [1, T] and return the logits [1, vocab] of row `last` (a bound Variable), so a chunk

@@ -38,6 +38,8 @@ class RopeScaling:
     if kind not in ROPE_TYPES: raise ValueError(f"unknown rope_scaling type {kind!r}; expected one of {ROPE_TYPES}")
     known = {f.name for f in fields(RopeScaling)} - {"type"}
     kwargs = {k: v for k, v in d.items() if k in known and v is not None}
+    if not isinstance(kwargs.get("factor", 1.0), (int, float)) or isinstance(kwargs.get("factor"), bool):
+      raise ValueError(f"rope_scaling factor must be a number, got {kwargs['factor']!r}")
     if kind != "default" and "factor" not in kwargs: raise ValueError(f"rope_scaling type {kind!r} needs a 'factor'")
     scaling = RopeScaling(type=kind, **kwargs)
     if kind != "default" and scaling.factor <= 0: raise ValueError(f"rope_scaling factor must be positive, got {scaling.factor}")
@@ -97,14 +99,15 @@ def inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None, max_pos: 
   raise ValueError(f"unknown rope scaling type {scaling.type!r}")
 
 
-def rope_tables(head_dim: int, theta: float, scaling: RopeScaling | None, max_pos: int, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(head_dim: int, theta: float, scaling: RopeScaling | None, max_pos: int, n_positions: int,
+                prompt_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """cos and sin tables [n_positions, head_dim // 2] (float32).
 
   `max_pos` is the trained context (max_position_embeddings). Dynamic NTK scaling changes the frequencies with
   the sequence length L: row p uses the frequencies for L = p + 1, which is what Hugging Face computes while
   decoding token by token. Keys already in the KV cache keep the rotation they were stored with (HF caches
-  rotated keys too); only a prompt prefilled in one call past `max_pos` differs from HF, which rotates the whole
-  prompt with the frequencies of its full length.
+  rotated keys too). A prompt of `prompt_len` > `max_pos` tokens prefilled in one call is rotated, as in HF's
+  forward, with the frequencies of its full length: rows 0..prompt_len-1 use L = prompt_len.
   """
   positions = np.arange(n_positions, dtype=np.float64)
   if scaling is not None and scaling.type == "dynamic" and n_positions > max_pos:
@@ -112,6 +115,8 @@ def rope_tables(head_dim: int, theta: float, scaling: RopeScaling | None, max_po
     angles[:max_pos] = np.outer(positions[:max_pos], inv_freq(head_dim, theta, None, max_pos))
     for p in range(max_pos, n_positions):
       angles[p] = p * inv_freq(head_dim, theta, scaling, max_pos, seq_len=p + 1)
+    if prompt_len is not None and prompt_len > max_pos:
+      angles[:prompt_len] = np.outer(positions[:prompt_len], inv_freq(head_dim, theta, scaling, max_pos, seq_len=prompt_len))
   else:
     angles = np.outer(positions, inv_freq(head_dim, theta, scaling, max_pos))
   scale = yarn_attention_factor(scaling) if scaling is not None and scaling.type == "yarn" else 1.0
