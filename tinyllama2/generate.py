@@ -60,6 +60,8 @@ class GenerationConfig(SamplingParams):
                        " (greedy search returns one sequence; sampling may return any number)")
     if self.num_beams > 1 and self.do_sample:
       raise ValueError("beam search with do_sample=True (beam sampling) is not supported; use one or the other")
+    if any(not isinstance(s, str) or not s for s in self.stop):
+      raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 
 
 @dataclass
