@@ -134,6 +134,8 @@ CLI_CASES = [
   ("bench-prompt-len-zero", ["bench", "--prompt-len", "0"], r"argument --prompt-len: must be at least 1, got 0"),
   ("bench-repeats-zero", ["bench", "--repeats", "0"], r"argument --repeats: must be at least 1"),
   ("bench-json-unwritable", ["bench", "--json", "/proc/tinyllama2-test/r.json"], r"--json .*cannot write in /proc"),
+  ("bench-no-such-model", ["bench", "--model", "{W}/nope.bin"], r"--model .*nope\.bin: no such file or folder, and not a shape"),
+  ("bench-no-such-device", ["bench", "--device", "NOSUCH"], r"device 'NOSUCH': tinygrad has no such device"),
   ("bench-json-dir", ["bench", "--json", "{W}/emptydir"], r"--json .*emptydir is a folder"),
   # finetune / pretrain
   ("ft-resume-nothing", FT + ["--out", "{W}/new_run", "--resume"], r"--resume: no valid checkpoint found in .*new_run"),

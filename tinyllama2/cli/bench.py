@@ -66,6 +66,19 @@ def _runs_here(device: str | None) -> bool:
   return device is None or not named_compiler(device) or os.environ.get("DEV") == device
 
 
+def _check_models_and_devices(models: list[str], devices: list[str | None]) -> None:
+  """Before the bandwidth is measured and the first row runs: each model exists, each device works here."""
+  from pathlib import Path
+
+  from ..config import PRESETS
+  from ..devices import resolve_device
+  for m in models:
+    if m not in PRESETS and not Path(m).expanduser().exists():
+      raise FileNotFoundError(f"--model {m}: no such file or folder, and not a shape ({', '.join(SHAPES)})")
+  for d in devices:
+    if _runs_here(d): resolve_device(d)
+
+
 def main(a: argparse.Namespace) -> list[BenchResult]:
   from tqdm import tqdm
   if a.json and a.json != "-":
@@ -73,6 +86,7 @@ def main(a: argparse.Namespace) -> list[BenchResult]:
     check_out_file(a.json, "--json", force=True)   # an unwritable path fails now, not after the benchmark
   models = (a.model or []) + (a.shape or []) or ["stories15M"]
   devices, dtypes_ = a.device or [None], a.dtype or ["float32"]
+  _check_models_and_devices(models, devices)
   bw = measure_read_bandwidth()
   quants = [None if q == "none" else q for q in (a.quantize or ["none"])]
   combos = [(m, d, t, q, n) for m in models for d in devices for t in dtypes_ for q in quants for n in a.threads or [None]]
