@@ -4,7 +4,6 @@
       --max-steps 300
 The model lands in OUT/model (a Hugging Face directory): python examples/chat.py --model OUT/model
 """
-import argparse
 import sys
 
 from tinyllama2.cli import ArgParser, add_debug_flag, run_cli

@@ -7,7 +7,6 @@ Output folders: `OUT/model` (pretraining or full fine-tuning: a Hugging Face dir
 from __future__ import annotations
 
 import fnmatch
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
