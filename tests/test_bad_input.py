@@ -38,7 +38,7 @@ def _small_tokenizer() -> bytes:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
-  need(STORIES, TOK512, LLAMA_TOK)
+  need(STORIES, TOK512, LLAMA_TOK, ALPACA)
   root = tmp_path_factory.mktemp("user")
   files = {
     "notes.txt": "my notes\n", "existing.gguf": b"GGUF mine", "existing.model": b"my tokenizer",
