@@ -204,3 +204,30 @@ def test_resume_after_sigkill_gives_identical_losses(tmp_path):
   resumed = _run(tmp_path / "killed", steps, resume=True)
   assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]
   assert _losses(tmp_path / "killed") == _losses(tmp_path / "full"), f"killed at step {kill_at}"
+
+
+def test_exporting_over_a_model_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+  """A model folder is replaced by rename: a kill between moving the old one aside and moving the new one in
+  leaves the old one beside the output (one of our temp folders), never nothing."""
+  from tinyllama2.checkpoint import load_checkpoint
+  from tinyllama2.fileio import is_our_temp
+  from tinyllama2.train.recipes import export_hf
+  args = ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=32, hidden_dim=24)
+  first, second = Transformer(args, max_seq_len=8), Transformer(args, max_seq_len=8)
+  first.init_random(seed=1)
+  second.init_random(seed=2)
+  export_hf(first, tmp_path / "model", None)
+  export_hf(second, tmp_path / "model", None)
+  got = load_checkpoint(tmp_path / "model").weights["norm.weight"]
+  np.testing.assert_array_equal(got, second.norm.weight.numpy())
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]   # nothing left behind
+  renames = []
+  def killed_after_moving_aside(self, target):
+    renames.append(target)
+    if len(renames) == 2: raise KeyboardInterrupt   # killed before the new model moves in
+    os.rename(self, target)
+  monkeypatch.setattr(Path, "rename", killed_after_moving_aside)
+  with pytest.raises(KeyboardInterrupt): export_hf(first, tmp_path / "model", None)
+  monkeypatch.undo()
+  aside = [p for p in tmp_path.iterdir() if is_our_temp(p)]
+  assert len(aside) == 1 and (aside[0] / "model.safetensors").is_file()   # the previous model survived

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +29,16 @@ def export_hf(model: Transformer, out: Path, tokenizer: Tokenizer | None) -> Non
   tmp = out.with_name(out.name + ".tmp")
   shutil.rmtree(tmp, ignore_errors=True)
   hf.save(tmp, model.args, weights, tokenizer_model=tokenizer.path if tokenizer else None)
-  if out.exists(): shutil.rmtree(out)
+  if not out.exists():
+    tmp.rename(out)
+    return
+  # the previous model is moved aside (as one of our temp folders, cleaned by later runs), not deleted, until the
+  # new one is in place: a kill in between leaves it beside the output instead of losing it
+  old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+  old.rmdir()
+  out.rename(old)
   tmp.rename(out)
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_out(out: Path, resume: bool) -> None:

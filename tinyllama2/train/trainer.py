@@ -23,7 +23,7 @@ from tinygrad.nn.optim import AdamW, OptimizerGroup
 
 from ..checkpoint import safetensors
 from ..config import ModelArgs
-from ..fileio import write_text
+from ..fileio import atomic_write, write_text
 from ..model import Transformer
 from ..runtime import rng
 from .data import BatchOrder, Blocks
@@ -212,7 +212,7 @@ class Trainer:
     ax.set_xlabel("step"), ax.set_ylabel("loss (nats/token)"), ax.legend(), ax.grid(alpha=0.3)
     fig.tight_layout()
     path = self.out / "loss.png"
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as f: fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return path
 
