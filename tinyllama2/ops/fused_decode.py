@@ -32,7 +32,7 @@ class Plan:
   head: list
 
 
-def _together(kernels: ModuleType, layers) -> list | None:
+def _together(layers) -> list | None:
   """The layers' kernel weights when one fused kernel reads them: one float kind (f32, f16) or one block kind."""
   weights = [layer.kernel_weights for layer in layers]
   if any(w is None for w in weights) or len({w.kind for w in weights}) != 1: return None
@@ -46,11 +46,11 @@ def plan(model) -> Plan | None:
   layers = []
   for block in model.layers:
     a, f = block.attention, block.feed_forward
-    parts = [_together(kernels, group) for group in ((a.wq, a.wk, a.wv), (a.wo,), (f.w1, f.w3), (f.w2,))]
+    parts = [_together(group) for group in ((a.wq, a.wk, a.wv), (a.wo,), (f.w1, f.w3), (f.w2,))]
     norms = (block.attention_norm, block.ffn_norm)
     if None in parts or any(n.weight.dtype not in (dtypes.float32, dtypes.float16) for n in norms): return None
     layers.append(LayerPlan(*parts))
-  head = _together(kernels, (model.head,))
+  head = _together((model.head,))
   if head is None or model.norm.weight.dtype not in (dtypes.float32, dtypes.float16): return None
   return Plan(kernels, layers, head)
 
