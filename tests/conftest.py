@@ -56,6 +56,6 @@ def decode_steps_fused_and_layer_by_layer(args, dtype, mode: str | None, device:
     dec, logits = Decoder(m, fused=fused, replay=False), []
     dec.prefill([3, 17, 42], all_logits=True)
     for i, tok in enumerate([5, 9, 11, 12]): logits.append(dec.decode_logits(tok, 3 + i).numpy())
-    caches = [c.k.float().numpy() for c in dec.caches(1)] + [c.v.float().numpy() for c in dec.caches(1)]
+    caches = [c.k.float().numpy() for c in dec.slot_caches()] + [c.v.float().numpy() for c in dec.slot_caches()]
     return np.concatenate(logits), caches, _kernels_per_decode_step(dec, 13, 7)
   return run(True), run(False)

@@ -8,7 +8,7 @@ from tinygrad import Context, Tensor, dtypes
 
 from tinyllama2 import GenerationConfig, Llama, ModelArgs, Transformer, lora, ops
 from tinyllama2.devices import resolve_device
-from tinyllama2.generate import Stopping, token_steps
+from tinyllama2.generate import Stopping
 from tinyllama2.layers import Linear
 from tinyllama2.quantize import QuantLinear, quantize_model
 
@@ -57,7 +57,9 @@ def test_a_decoder_recaptures_its_graphs_after_the_weights_change():
   quantize_model(fresh.model, "int4")
   a, b = used.generate(prompt, max_new_tokens=8), fresh.generate(prompt, max_new_tokens=8)
   assert a.tokens == b.tokens
-  after, want = used.decoder.step(a.tokens[-1], 11), fresh.decoder.step(b.tokens[-1], 11)   # after 4 + 7 tokens
+  held = prompt + a.tokens[:-1]   # 4 + 7 tokens, in whichever slot ran each generation
+  slot = lambda llm: next(s for s, h in enumerate(llm.decoder.held) if h == held)
+  after, want = used.decoder.step(a.tokens[-1], 11, slot(used)), fresh.decoder.step(b.tokens[-1], 11, slot(fresh))
   np.testing.assert_allclose(after, want, rtol=1e-5, atol=1e-5)
 
 
@@ -93,7 +95,7 @@ def test_token_steps_carry_tokens_logprobs_and_the_finish_reason():
   llm = Llama(_model(4), None)
   prompt = [1, 9, 33]
   cfg = GenerationConfig.of(max_new_tokens=5)
-  steps = list(token_steps(llm.decoder, [prompt], cfg, Stopping(set(), 5, llm.model.max_seq_len)))
+  steps = list(llm.engine.submit(prompt, cfg, Stopping(set(), 5, llm.model.max_seq_len)))
   assert [s.finish_reason for s in steps] == [None] * 4 + ["length"]
   assert [s.token for s in steps] == llm.generate(prompt, cfg).tokens
   full = llm.logits(prompt + [s.token for s in steps])

@@ -68,3 +68,29 @@ def test_a_device_named_with_its_compiler_is_benched_with_dev_set(monkeypatch):
   assert rows == [row] and len(seen) == 1
   cmd, env = seen[0]
   assert env["DEV"] == "CPU:LLVM" and "HCQ2" not in env and cmd[cmd.index("--device") + 1] == "CPU:LLVM"
+
+
+def test_concurrency_measures_the_window_where_every_request_decodes():
+  """Aggregate decode rate counts only tokens that arrive while all requests decode; TTFT is from submission."""
+  from tinyllama2.concurrency_bench import _measure, prompt_lengths
+  submitted = [0.0, 0.0]
+  arrivals = [[1.0, 1.1, 1.2, 1.3, 1.4], [1.2, 1.25, 1.3, 1.35, 1.4, 1.45]]   # the second starts at 1.2, the first ends at 1.4
+  rate, ttft, gaps = _measure(submitted, arrivals)
+  assert rate == pytest.approx((2 + 4) / 0.2) and ttft == [1.0, 1.2] and len(gaps) == 4 + 5
+  assert prompt_lengths(5, 128) == [32, 64, 96, 128, 32]
+
+
+def test_bench_concurrency_runs_each_level_and_compares_with_one_stream():
+  import json
+  import subprocess
+  import sys
+  run = subprocess.run([sys.executable, "-m", "tinyllama2.cli", "bench", "--model", "stories260K", "--concurrency", "1,3",
+                        "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1", "--json", "-"],
+                       capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-2000:]
+  rows = json.loads(run.stdout)
+  assert [r["concurrency"] for r in rows] == [1, 3] and rows[0]["vs_single"] == 1.0
+  assert all(r["decode_tok_s"] > 0 and r["ttft_max_s"] >= r["ttft_p50_s"] > 0 and r["itl_p95_ms"] >= r["itl_p50_ms"]
+             for r in rows)
+  bad = subprocess.run([sys.executable, "-m", "tinyllama2.cli", "bench", "--concurrency", "0,2"], capture_output=True, text=True)
+  assert bad.returncode == 2 and "positive integers" in bad.stderr

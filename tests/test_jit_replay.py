@@ -31,7 +31,7 @@ def test_replay_matches_tinygrad_jit_token_by_token():
   assert fast.replaying and not plain.replaying
   np.testing.assert_allclose(np.stack(got), np.stack(want), rtol=1e-6, atol=1e-6)   # same kernels, same order
   assert np.abs(np.stack(got)).max() > 1
-  for a, b in zip(fast.caches(1), plain.caches(1)):   # the replayed steps wrote the same cache rows
+  for a, b in zip(fast.slot_caches(), plain.slot_caches()):   # the replayed steps wrote the same cache rows
     np.testing.assert_allclose(a.k.numpy(), b.k.numpy(), rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="start_pos=32 is outside"): fast.decode_logits(1, 32)
   with pytest.raises(ValueError, match="token=100 is outside"): fast.decode_logits(100, 10)

@@ -93,7 +93,7 @@ def _kernels_per_decode_step(decoder, token: int, pos: int) -> int:
 
 
 def build_model(model: str, device: str | None, dtype: str, max_seq_len: int, tokenizer: str | None = None,
-                quantize: str | None = None):
+                quantize: str | None = None, slots: int | None = None):
   """A Llama from a path, or a named shape with seeded random weights."""
   from .config import PRESETS, preset
   from .llama import Llama, resolve_dtype
@@ -104,9 +104,9 @@ def build_model(model: str, device: str | None, dtype: str, max_seq_len: int, to
     m = Transformer(args, max_seq_len=max(max_seq_len, 8), dtype=resolve_dtype(dtype), device=device)
     m.init_random(seed=0)
     if quantize: quantize_model(m, quantize)
-    return Llama(m, None)
+    return Llama(m, None, slots=slots)
   return Llama.from_pretrained(model, tokenizer=tokenizer, device=device, dtype=dtype, max_seq_len=max_seq_len,
-                               quantize=quantize)
+                               quantize=quantize, slots=slots)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -1,8 +1,8 @@
 """Generation: the settings (`GenerationConfig`), the token-step core every loop shares, results and streamed text.
 
-`token_steps` is the one decode loop for one prompt or a batch of them: it prefills, then chooses a token per row
-per step (logits processors and sampler of sampling.py) and yields a `TokenStep` record for each, with the finish
-reason on a row's last record and the timings so far (as mlx-lm's GenerationResponse). Whole results
+A `Continuation` is one sequence being generated: the engine (engine.py) runs many of them through one model and
+each chooses its tokens (logits processors and sampler of sampling.py) into `TokenStep` records, with the finish
+reason on a sequence's last record and the timings so far (as mlx-lm's GenerationResponse). Whole results
 (`Generation`) and streamed text (`TextStream`) are built from those records; beam search (beam.py) keeps its
 own loop but stops and times the same way (`Stopping`, `Timer`).
 """
@@ -15,7 +15,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .decoder import Decoder
 from .sampling import SamplingParams, choose, knob, process
 from .tokenizer import Tokenizer
 
@@ -129,68 +128,45 @@ class Stopping:
   def __post_init__(self):
     if self.stop and self.tokenizer is None: raise ValueError("stop strings need a tokenizer")
 
-  def reason(self, prompt: Sequence[int], new: Sequence[int], padding: int = 0) -> str | None:
-    """Why the sequence prompt + new ends now (new's last token just chosen, eos not included), or None; `padding`:
-    cache columns before the prompt (a batch's left padding), which count against the context."""
+  def reason(self, prompt: Sequence[int], new: Sequence[int]) -> str | None:
+    """Why the sequence prompt + new ends now (new's last token just chosen, eos not included), or None."""
     if self.stop and stop_index(decode_continuation(self.tokenizer, prompt, new), self.stop) >= 0: return "stop"
-    if len(new) >= self.max_new_tokens or padding + len(prompt) + len(new) >= self.max_seq_len: return "length"
+    if len(new) >= self.max_new_tokens or len(prompt) + len(new) >= self.max_seq_len: return "length"
     return None
 
 
-def token_steps(decoder: Decoder, prompts: list[list[int]], cfg: GenerationConfig, stopping: Stopping,
-                rngs: list[np.random.Generator] | None = None) -> Iterator[TokenStep]:
-  """The decode loop: one prompt through the compiled one-row step, several as one left-padded batch (each row
-  stopping on its own and getting the tokens it would get alone). Sampling row b draws from rngs[b] (default: a
-  PCG64 stream seeded with cfg.seed per row, so a seed gives the same tokens in every process).
+class Continuation:
+  """One sequence being generated: what it has produced so far, how it chooses its next token (the processors and
+  sampler of sampling.py with its own random stream) and when it ends. The engine keeps one per request; each
+  `choose` turns the logits after the sequence into a `TokenStep`."""
 
-  One prompt takes the decoder's lock for each step only, so streams consumed in turn (or from several threads)
-  each continue their own sequence: one that finds the cache holding another's prefills its own again. A batch
-  holds the lock until it is done."""
-  if len(prompts) == 1: yield from _steps(decoder, prompts, cfg, stopping, rngs)
-  else:
-    with decoder.lock: yield from _steps(decoder, prompts, cfg, stopping, rngs)
+  def __init__(self, row: int, prompt: list[int], cfg: GenerationConfig, stopping: Stopping,
+               rng: np.random.Generator | None = None):
+    self.row, self.prompt, self.cfg, self.stopping = row, list(prompt), cfg, stopping
+    self.rng = rng or np.random.Generator(np.random.PCG64(cfg.seed))
+    self.new: list[int] = []
+    self.timer, self.decoded, self.finish_reason = Timer(len(prompt)), 0, None
+    self._eos = sorted(stopping.eos_ids)
 
+  @property
+  def sequence(self) -> list[int]: return self.prompt + self.new
 
-def _continue(decoder: Decoder, seq: list[int]) -> np.ndarray:
-  """Logits after seq, whose last token is new: one decode step when the cache holds the rest of seq, else a
-  prefill (another sequence used the decoder in between; the prefill keeps what the cache shares with seq)."""
-  with decoder.lock:
-    if decoder.holds(seq[:-1]): return decoder.step(seq[-1], len(seq) - 1)
-    return decoder.prefill(seq)
+  def choose(self, logits: np.ndarray, from_decode: bool) -> TokenStep:
+    """The next token from the logits after the sequence (from_decode: a decode step's, not the prefill's)."""
+    token = choose(process(logits, self.cfg, self.prompt + self.new, len(self.new), self._eos), self.cfg, self.rng)
+    self.timer.token_chosen()
+    self.decoded += from_decode
+    if token in self.stopping.eos_ids:
+      self.finish_reason = "stop"
+      return TokenStep(self.row, None, "stop", **self.timer.rates(self.decoded), logits=logits)
+    self.new.append(token)
+    self.finish_reason = self.stopping.reason(self.prompt, self.new)
+    return TokenStep(self.row, token, self.finish_reason, **self.timer.rates(self.decoded), logits=logits)
 
-
-def _steps(decoder: Decoder, prompts: list[list[int]], cfg: GenerationConfig, stopping: Stopping,
-           rngs: list[np.random.Generator] | None) -> Iterator[TokenStep]:
-  B, length = len(prompts), max(len(p) for p in prompts)
-  rngs = rngs or [np.random.Generator(np.random.PCG64(cfg.seed)) for _ in prompts]
-  timer, eos = Timer(sum(map(len, prompts))), sorted(stopping.eos_ids)
-  if cfg.max_new_tokens == 0:
-    for b in range(B): yield TokenStep(b, None, "length", **timer.rates(0))
-    return
-  if B == 1:
-    with decoder.lock: logits = decoder.prefill(prompts[0])[None]   # keeps a prefix the cache holds
-  else: logits = decoder.prefill_rows(prompts)
-  timer.prefill_done()
-  new: list[list[int]] = [[] for _ in prompts]
-  live, step, decoded = list(range(B)), 0, 0   # decoded: tokens chosen from decode steps' logits
-  while live:
-    feed = [0] * B
-    for b in list(live):
-      token = choose(process(logits[b], cfg, prompts[b] + new[b], len(new[b]), eos), cfg, rngs[b])
-      timer.token_chosen()
-      decoded += step > 0
-      if token in stopping.eos_ids:
-        live.remove(b)
-        yield TokenStep(b, None, "stop", **timer.rates(decoded), logits=logits[b])
-        continue
-      new[b].append(token)
-      feed[b] = token
-      if (reason := stopping.reason(prompts[b], new[b], length - len(prompts[b]))) is not None: live.remove(b)
-      yield TokenStep(b, token, reason, **timer.rates(decoded), logits=logits[b])
-    if not live: break
-    step += 1
-    if B == 1: logits = _continue(decoder, prompts[0] + new[0])[None]
-    else: logits = decoder.step_rows(feed, length + step - 1)
+  def nothing_to_generate(self) -> TokenStep:
+    """The only step of a request for max_new_tokens=0."""
+    self.finish_reason = "length"
+    return TokenStep(self.row, None, "length", **self.timer.rates(0))
 
 
 def generations(steps: Iterator[TokenStep], prompts: list[list[int]], tokenizer: Tokenizer | None,

@@ -11,9 +11,9 @@ from tinygrad.dtype import DType
 from .beam import beam_generations
 from .checkpoint import load_checkpoint
 from .config import ModelArgs, warn_if_beyond_trained
-from .decoder import Decoder
 from .devices import resolve_device
-from .generate import Generation, GenerationConfig, Stopping, TextStream, eos_id_set, generations, token_steps
+from .engine import Engine, generate_steps
+from .generate import Generation, GenerationConfig, Stopping, TextStream, eos_id_set, generations
 from .model import Transformer
 from .rope import RopeScaling
 from .tokenizer import ChatTemplate, Llama2ChatTemplate, Tokenizer
@@ -31,17 +31,34 @@ def resolve_dtype(dtype: str | DType | None, stored: np.dtype | None = None) -> 
   return DTYPES[dtype]
 
 
+def sequence_rngs(seed: int | None, n: int) -> list[np.random.Generator]:
+  """Random streams for n sampled sequences of one prompt, generated together: the first is the stream of `seed`
+  itself (so it equals a single generation with that seed), the others independent streams spawned from it."""
+  first = np.random.SeedSequence(seed)
+  return [np.random.Generator(np.random.PCG64(s)) for s in [first, *first.spawn(n - 1)]]
+
+
 class Llama:
-  def __init__(self, model: Transformer, tokenizer: Tokenizer | None, chat_template: ChatTemplate | None = None):
+  """A model with its tokenizer and an `Engine` that runs its generations (`slots` of them at once; default: see
+  engine.default_slots)."""
+
+  def __init__(self, model: Transformer, tokenizer: Tokenizer | None, chat_template: ChatTemplate | None = None,
+               slots: int | None = None):
     self.model, self._tokenizer = model, tokenizer
     self.args: ModelArgs = model.args
     self.chat_template = chat_template or Llama2ChatTemplate()
-    self.decoder = Decoder(model)
+    self.engine = Engine(model, slots)
+
+  @property
+  def decoder(self):
+    """The engine's decoder (its KV caches and compiled steps)."""
+    return self.engine.decoder
 
   @classmethod
   def from_pretrained(cls, path: str | Path, tokenizer: str | Path | None = None, device: str | None = None,
                       dtype: str | DType | None = None, max_seq_len: int | None = None,
-                      rope_scaling: dict | None = None, quantize: str | None = None, adapter: str | None = None) -> Llama:
+                      rope_scaling: dict | None = None, quantize: str | None = None, adapter: str | None = None,
+                      slots: int | None = None) -> Llama:
     from .quantize import MODES, load_prequantized, quantize_model
     if quantize is not None and quantize not in MODES:
       raise ValueError(f"unknown quantize={quantize!r}; use one of {', '.join(MODES)}")
@@ -49,6 +66,8 @@ class Llama:
       raise ValueError("adapter= with quantize= is not supported: merge the adapter first (tinyllama2 merge)")
     if max_seq_len is not None and (not isinstance(max_seq_len, (int, np.integer)) or max_seq_len <= 0):
       raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+    if slots is not None and (not isinstance(slots, (int, np.integer)) or slots <= 0):
+      raise ValueError(f"slots must be a positive integer (sequences generated at once), got {slots!r}")
     if dtype is not None: resolve_dtype(dtype)
     device = resolve_device(device)   # a device that does not work here fails before the weights are read
     if adapter is not None:
@@ -76,7 +95,7 @@ class Llama:
       lora.load_adapter(model, adapter)
       lora.merge(model)
     if quantize is not None: quantize_model(model, quantize)
-    return cls(model, tok)
+    return cls(model, tok, slots=slots)
 
   @property
   def tokenizer(self) -> Tokenizer:
@@ -93,7 +112,8 @@ class Llama:
 
   def logits(self, ids: Sequence[int]) -> np.ndarray:
     """[len(ids), vocab] float32 logits of a full forward pass from position 0."""
-    with self.decoder.lock: return self.decoder.prefill([int(i) for i in ids], all_logits=True)
+    with self.engine.exclusive_slot() as (decoder, slot):
+      return decoder.prefill([int(i) for i in ids], all_logits=True, slot=slot)
 
   def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str): return self.tokenizer.encode(prompt, bos=True)
@@ -112,11 +132,10 @@ class Llama:
     that many (best first for beam search). `Generation.tokens` holds the new ids without the eos that ended
     generation (as OpenAI/llama.cpp report).
 
-    Safe to call from several threads: whole generations run one after another (each as it would alone), and
-    streams, which take the model one step at a time, each continue their own sequence."""
-    cfg = GenerationConfig.of(config, **settings)
-    if stream: return self._generate(prompt, cfg, stream=True)
-    with self.decoder.lock: return self._generate(prompt, cfg, stream=False)
+    Safe to call from several threads: generations (and streams) run together on the engine, each getting the
+    tokens it would get alone; more of them than the engine has slots wait for one. Breaking out of a stream
+    frees its slot."""
+    return self._generate(prompt, GenerationConfig.of(config, **settings), stream)
 
   def _generate(self, prompt: str | Sequence[int] | list, cfg: GenerationConfig,
                 stream: bool) -> Generation | TextStream | list[Generation]:
@@ -125,23 +144,20 @@ class Llama:
       if stream: raise ValueError("stream=True takes a single prompt")
       if cfg.num_beams > 1 or cfg.num_return_sequences > 1: return [self.generate(p, cfg) for p in prompt]
       ids = [self._prompt_ids(p) for p in prompt]
-      return generations(token_steps(self.decoder, ids, cfg, self._stopping(cfg)), ids, self._tokenizer, cfg.stop)
+      return generations(generate_steps(self.engine, ids, cfg, self._stopping(cfg)), ids, self._tokenizer, cfg.stop)
     if stream and (cfg.num_beams > 1 or cfg.num_return_sequences > 1):
       raise ValueError("stream=True returns one sequence: use num_beams=1 and num_return_sequences=1")
     ids = self._prompt_ids(prompt)
     self.decoder.check_length(len(ids))
     if cfg.num_beams > 1:
-      out = beam_generations(self.decoder, ids, cfg, self._stopping(cfg), self._tokenizer)
+      with self.engine.exclusive() as decoder:
+        out = beam_generations(decoder, ids, cfg, self._stopping(cfg), self._tokenizer)
       return out[0] if cfg.num_return_sequences == 1 else out
-    rng = np.random.Generator(np.random.PCG64(cfg.seed))   # one stream for all returned sequences
-    results = []
-    for _ in range(cfg.num_return_sequences):
-      text_stream = TextStream(token_steps(self.decoder, [ids], cfg, self._stopping(cfg), [rng]), ids, self._tokenizer,
-                               cfg.stop)
-      if stream: return text_stream
-      for _ in text_stream: pass
-      results.append(text_stream.generation)
-    return results[0] if cfg.num_return_sequences == 1 else results
+    if stream: return TextStream(self.engine.submit(ids, cfg, self._stopping(cfg)), ids, self._tokenizer, cfg.stop)
+    n = cfg.num_return_sequences
+    out = generations(generate_steps(self.engine, [ids] * n, cfg, self._stopping(cfg), sequence_rngs(cfg.seed, n)),
+                      [ids] * n, self._tokenizer, cfg.stop)
+    return out[0] if n == 1 else out
 
   def _stopping(self, cfg: GenerationConfig) -> Stopping:
     eos = self.eos_ids if cfg.eos_token_id is None else eos_id_set(cfg.eos_token_id)

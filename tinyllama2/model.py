@@ -53,13 +53,21 @@ class RopeTables:
 
 
 class KVCache:
-  """Keys and values of one layer, [batch, n_kv_heads, max_seq_len, head_dim], allocated once (slots: tinygrad's
-  get_state_dict does not mistake the cache for parameters)."""
-  __slots__ = ("k", "v")
+  """Keys and values of one layer, [rows, n_kv_heads, max_seq_len, head_dim], allocated once; a forward pass over a
+  batch of B sequences uses rows first..first+B (`row`: one sequence's view of a cache of many). __slots__, so that
+  tinygrad's get_state_dict does not mistake the cache for parameters."""
+  __slots__ = ("k", "v", "first")
 
   def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: DType, device: str):
     self.k = Tensor.zeros(batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype, device=device).contiguous().realize()
     self.v = Tensor.zeros(batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype, device=device).contiguous().realize()
+    self.first = 0
+
+  def row(self, first: int) -> KVCache:
+    """The same buffers, used from row `first` on."""
+    view = KVCache.__new__(KVCache)
+    view.k, view.v, view.first = self.k, self.v, first
+    return view
 
 
 class Attention:
@@ -84,12 +92,13 @@ class Attention:
     if cache is None:
       keys, values = k.transpose(1, 2).unsqueeze(2), v.transpose(1, 2).unsqueeze(2)
     else:
-      cache.k[:, :, start_pos:start_pos + T].assign(k.transpose(1, 2).cast(cache.k.dtype))
-      cache.v[:, :, start_pos:start_pos + T].assign(v.transpose(1, 2).cast(cache.v.dtype))
-      if (out := ops.attention(q, cache.k, cache.v, start_pos, key_bias)) is not None:
+      rows = slice(cache.first, cache.first + B)
+      cache.k[rows, :, start_pos:start_pos + T].assign(k.transpose(1, 2).cast(cache.k.dtype))
+      cache.v[rows, :, start_pos:start_pos + T].assign(v.transpose(1, 2).cast(cache.v.dtype))
+      if (out := ops.attention(q, cache.k, cache.v, start_pos, key_bias, cache.first)) is not None:
         return self.wo(out.reshape(B, T, H * D))
-      keys = cache.k[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)     # [B, KV, 1, S, D]
-      values = cache.v[:, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)
+      keys = cache.k[rows, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)     # [B, KV, 1, S, D]
+      values = cache.v[rows, :, 0:start_pos + T].cast(x.dtype).unsqueeze(2)
     # query head h reads kv head h // (H // KV): group the query heads under their kv head
     q = q.transpose(1, 2).reshape(B, KV, H // KV, T, D).contiguous()
     # broadcast-multiply-sum rather than matmul: matmul's transposes of the symbolic-length cache view leave integer

@@ -35,9 +35,40 @@ def add_args(p: argparse.ArgumentParser) -> None:
                  help="threads per CPU decode kernel (repeatable, to compare; default: every core, at most 8)")
   p.add_argument("--repeats", type=int_flag(1), default=3,
                  help="timed runs per row (and per llama.cpp reference); the best counts")
+  p.add_argument("--concurrency", type=_levels, metavar="N,N,...",
+                 help="instead: that many simultaneous requests of different prompt lengths on one engine, e.g. 1,2,4,8 "
+                      "(aggregate decode tok/s, time to first token, inter-token latency)")
   p.add_argument("--json", help="also write results as JSON to this file ('-' for stdout only)")
   p.add_argument("--llama-cpp", metavar="PYTHON", help="also run llama.cpp on the same weights, prompt and threads "
                  "with this Python, which has llama-cpp-python installed (CPU rows; int8/int4 as Q8_0/Q4_0)")
+
+
+def _levels(text: str) -> list[int]:
+  """--concurrency 1,2,4,8: positive integers."""
+  try: levels = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError: levels = []
+  if not levels or min(levels) < 1:
+    raise argparse.ArgumentTypeError(f"expected positive integers separated by commas (e.g. 1,2,4,8), got {text!r}")
+  return levels
+
+
+def _concurrency(a: argparse.Namespace, models: list[str], devices: list[str | None], dtypes_: list[str],
+                 quants: list[str | None]) -> list:
+  """The --concurrency benchmark: one table row per model × device × dtype × quantization × level."""
+  from ..concurrency_bench import bench_concurrency, format_concurrency_table
+  rows = []
+  for m in models:
+    for d in devices:
+      for t in dtypes_:
+        for q in quants:
+          rows += bench_concurrency(m, d, t, a.concurrency, a.prompt_len, a.new_tokens, q, a.repeats)
+  if a.json == "-": print(json.dumps([asdict(r) for r in rows], indent=2))
+  else:
+    print(format_concurrency_table(rows))
+    if a.json:
+      from ..fileio import write_text
+      write_text(a.json, json.dumps([asdict(r) for r in rows], indent=2))
+  return rows
 
 
 def _bench_in_subprocess(a: argparse.Namespace, model: str, device: str | None, dtype: str,
@@ -87,8 +118,9 @@ def main(a: argparse.Namespace) -> list[BenchResult]:
   models = (a.model or []) + (a.shape or []) or ["stories15M"]
   devices, dtypes_ = a.device or [None], a.dtype or ["float32"]
   _check_models_and_devices(models, devices)
-  bw = measure_read_bandwidth()
   quants = [None if q == "none" else q for q in (a.quantize or ["none"])]
+  if a.concurrency: return _concurrency(a, models, devices, dtypes_, quants)
+  bw = measure_read_bandwidth()
   combos = [(m, d, t, q, n) for m in models for d in devices for t in dtypes_ for q in quants for n in a.threads or [None]]
   rows, failed = [], []
   for m, d, t, q, n in tqdm(combos, desc="bench", file=sys.stderr, disable=len(combos) < 2):

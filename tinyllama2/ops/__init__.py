@@ -3,8 +3,9 @@
 Each function takes layers (which say what a kernel would read: `layer.kernel_weights`) and activations, and
 picks, by the rules in `route` and `attention` and nowhere else, a hand-written kernel of `ops.cpu` (tinygrad's
 clang CPU backend) or `ops.gpu` (devices with work groups and local memory), or tinygrad's own graph of the same
-math. Both kernel modules implement one contract — `project`, `project_swiglu` (one row), `project_rows`,
-`project_rows_swiglu` (several rows), `cached_attention`, `decode_attention`, and the data `WEIGHT_KINDS`,
+math. Both kernel modules implement one contract — `project`, `project_swiglu` (one row, or the few rows of a
+batched decode step), `project_rows`, `project_rows_swiglu` (several rows), `cached_attention`, `decode_attention`
+(one sequence), `decode_attention_rows`, `embedding_rows` (a batched decode step), and the data `WEIGHT_KINDS`,
 `CACHE_DTYPES` — and return None for a shape they cannot split, which falls back to tinygrad's graph.
 """
 from __future__ import annotations
@@ -93,15 +94,15 @@ def gate_up_swiglu(x: Tensor, gate, up) -> Tensor:
   return silu(gate(x)) * up(x)
 
 
-def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
-              key_bias: Tensor | None) -> Tensor | None:
-  """Causal attention of q [B, T, H, D] (RoPE applied, its keys and values already in the cache) over the first
-  start_pos + T cache positions, in one kernel module's kernels, in q's dtype; None where tinygrad's graph computes
-  it (the model's own formula)."""
+def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp, key_bias: Tensor | None,
+              first_row: int = 0) -> Tensor | None:
+  """Causal attention of q [B, T, H, D] (RoPE applied, its keys and values already in cache rows first_row..) over
+  the first start_pos + T cache positions, in one kernel module's kernels, in q's dtype; None where tinygrad's graph
+  computes it (the model's own formula)."""
   kernels = backend(q.device)
   if kernels is None or not all(isinstance(s, int) for s in q.shape) or cache_k.dtype not in kernels.CACHE_DTYPES:
     return None
-  return kernels.cached_attention(q, cache_k, cache_v, start_pos, key_bias)
+  return kernels.cached_attention(q, cache_k, cache_v, start_pos, key_bias, first_row)
 
 
 def inference_activations(x: Tensor) -> Tensor:

@@ -59,9 +59,9 @@ typedef short tl_s16x16 __attribute__((vector_size(32)));
 """
 _HSUM8 = "((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))"
 
-def _dot_row(row: str, wt: str, K: int, load8: str, result: str) -> str:
-  """C setting float `result` to (weight row at pointer `row`) · x (tl_x): four independent 8-wide accumulators,
-  then an 8-wide and a scalar tail, so any K works."""
+def _dot_row(row: str, wt: str, K: int, load8: str, result: str, x: str = "tl_x") -> str:
+  """C setting float `result` to (weight row at pointer `row`) · x (pointer `x`): four independent 8-wide
+  accumulators, then an 8-wide and a scalar tail, so any K works."""
   ld = lambda off: load8.replace("ROW", f"w + k{off}")
   return f"""float {result};
   {{
@@ -69,17 +69,48 @@ def _dot_row(row: str, wt: str, K: int, load8: str, result: str) -> str:
   tl_f8 a0 = 0, a1 = 0, a2 = 0, a3 = 0;
   int k = 0;
   for (; k + 32 <= {K}; k += 32) {{
-    a0 += {ld("")} * *(const tl_f8*)(tl_x + k);
-    a1 += {ld(" + 8")} * *(const tl_f8*)(tl_x + k + 8);
-    a2 += {ld(" + 16")} * *(const tl_f8*)(tl_x + k + 16);
-    a3 += {ld(" + 24")} * *(const tl_f8*)(tl_x + k + 24);
+    a0 += {ld("")} * *(const tl_f8*)({x} + k);
+    a1 += {ld(" + 8")} * *(const tl_f8*)({x} + k + 8);
+    a2 += {ld(" + 16")} * *(const tl_f8*)({x} + k + 16);
+    a3 += {ld(" + 24")} * *(const tl_f8*)({x} + k + 24);
   }}
-  for (; k + 8 <= {K}; k += 8) a0 += {ld("")} * *(const tl_f8*)(tl_x + k);
+  for (; k + 8 <= {K}; k += 8) a0 += {ld("")} * *(const tl_f8*)({x} + k);
   tl_f8 a = (a0 + a1) + (a2 + a3);
   {result} = {_HSUM8};
-  for (; k < {K}; k++) {result} += (float)w[k] * tl_x[k];
+  for (; k < {K}; k++) {result} += (float)w[k] * {x}[k];
   }}
 """
+
+
+def _dot_rows(row: str, wt: str, K: int, load8: str, results: list[str], xs: list[str]) -> str:
+  """C setting each float results[r] to (weight row at pointer `row`) · xs[r], for a few rows of x at once: each
+  weight vector is loaded (and converted) once for all of them, and each row's sum is computed exactly as
+  `_dot_row` computes it alone (the same four accumulators, tails and order)."""
+  ld = lambda off: load8.replace("ROW", f"w + k{off}")
+  acc = ", ".join(f"a{r}{j} = 0" for r in range(len(xs)) for j in range(4))
+  fma = lambda j, off: "".join(f"    a{r}{j} += v{j} * *(const tl_f8*)({x} + k{off});\n" for r, x in enumerate(xs))
+  offs = ["", " + 8", " + 16", " + 24"]
+  sums = "".join(f"  {{ tl_f8 a = (a{r}0 + a{r}1) + (a{r}2 + a{r}3); {res} = {_HSUM8}; }}\n" for r, res in enumerate(results))
+  tails = "".join(f"    {res} += wk * {x}[k];\n" for res, x in zip(results, xs))
+  return f"""float {", ".join(results)};
+  {{
+  const {wt}* w = {row};
+  tl_f8 {acc};
+  int k = 0;
+  for (; k + 32 <= {K}; k += 32) {{
+{"".join(f"    tl_f8 v{j} = {ld(offs[j])};" + chr(10) + fma(j, offs[j]) for j in range(4))}  }}
+  for (; k + 8 <= {K}; k += 8) {{
+    tl_f8 v0 = {ld("")};
+{fma(0, "")}  }}
+{sums}  for (; k < {K}; k++) {{
+    float wk = (float)w[k];
+{tails}  }}
+  }}
+"""
+
+
+X_ROWS_PER_PASS = 3   # rows of x sharing each weight load in a batched step's kernels: 3 x 4 accumulators and the 4
+# weight vectors fill the 16 AVX2 registers
 
 
 # Each kernel is (declarations, rows): `rows` computes output rows [tl_lo, tl_hi), so the rows can be split
@@ -111,7 +142,7 @@ for (int b = 0; b < %(NB)d; b++) {
 # multiplies unsigned bytes by signed ones: signed Q8_0 weights go through the sign trick (|x| · w·sign(x), |x| kept
 # from rounding x: tl_xabs); Q4_0 nibbles 0..15 are unsigned already (their -8 comes back through tl_xsum): two
 # instructions less per block, 5-10% faster Q4_0 kernels (in-process A/B, tinyllama-1.1b's gate/up and 32000-row head).
-_PAIRS = {"q8_0": "__builtin_ia32_pmaddubsw256(*(const tl_c32*)(tl_xabs + b * 32), __builtin_ia32_psignb256(w, xv))",
+_PAIRS = {"q8_0": "__builtin_ia32_pmaddubsw256(*(const tl_c32*)(tl_xabs + XB * 32), __builtin_ia32_psignb256(w, xv))",
           "q4_0": "__builtin_ia32_pmaddubsw256(w, xv)"}
 _I8_DOT = """#if defined(__AVX2__)
     const tl_s16x16 ones = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
@@ -136,25 +167,26 @@ _BLOCK_WEIGHTS = {
 _BLOCK_BYTES = {"q8_0": 32, "q4_0": 16}
 
 
-def _block_row_dot(kind: str, i: int, row: str, NB: int, result: str) -> str:
+def _block_row_dot(kind: str, i: int, row: str, NB: int, result: str, xb: str = "b") -> str:
   """C setting float `result` to (row `row` of quantized weight i: bytes tl_q{i}, fp16 scales tl_d{i}) · x, with
   x as the thread's Q8_0 blocks (tl_xq, tl_xs): integer block dot products times the two scales."""
-  return _block_rows_dot(kind, [(i, row, result)], NB)
+  return _block_rows_dot(kind, [(i, row, result)], NB, xb)
 
 
-def _block_rows_dot(kind: str, dots: list[tuple[int, str, str]], NB: int) -> str:
+def _block_rows_dot(kind: str, dots: list[tuple[int, str, str]], NB: int, xb: str = "b") -> str:
   """C for several such dot products (weight i, row, result) in one loop over the blocks, which loads each block of
   x once for all of them and gives the core independent chains to overlap. Q4_0 sums nibbles · x and subtracts
-  8 · (sum of the block's x) · scale once per row."""
+  8 · (sum of the block's x) · scale once per row. `xb`: the index of x's block b among the quantized blocks (of
+  several rows of x: row r's block b is r * NB + b)."""
   q4 = kind == "q4_0"
   body, ends = "", ""
   for r, (i, row, result) in enumerate(dots):
     q = f"(tl_q{i} + (long)({row}) * {NB * _BLOCK_BYTES[kind]})"
     body += f"""    {{
     {_BLOCK_WEIGHTS[kind].replace("Q", q)}
-{_I8_DOT.replace("PAIRS", _PAIRS[kind])}    float dw = (float)tl_d{i}[(long)({row}) * {NB} + b];
-    acc{r} += s * (dw * tl_xs[b]);
-    {f"offset{r} += dw * tl_xsum[b];" if q4 else ""}
+{_I8_DOT.replace("PAIRS", _PAIRS[kind].replace("XB", xb))}    float dw = (float)tl_d{i}[(long)({row}) * {NB} + b];
+    acc{r} += s * (dw * tl_xs[{xb}]);
+    {f"offset{r} += dw * tl_xsum[{xb}];" if q4 else ""}
     }}
 """
     ends += f"  {{ tl_f8 a = acc{r}; {result} = {_HSUM8}{f' - 8.0f * offset{r}' if q4 else ''}; }}\n"
@@ -162,7 +194,7 @@ def _block_rows_dot(kind: str, dots: list[tuple[int, str, str]], NB: int) -> str
   results = "".join(f"float {result};\n" for _, _, result in dots)
   return f"""{results}{{
 {decl}  for (int b = 0; b < {NB}; b++) {{
-    const signed char* xq = tl_xq + b * 32;
+    const signed char* xq = tl_xq + {xb} * 32;
 {body}  }}
 {ends}}}
 """
@@ -187,7 +219,7 @@ def kernel_source(src: str) -> str:
   """A kernel body for tinygrad's CUSTOM op, which renders it with str.format: {0}, {1}, ... name its operands,
   every other brace is C."""
   src = src.replace("{", "{{").replace("}", "}}")
-  for i in range(10): src = src.replace("{{%d}}" % i, "{%d}" % i)
+  for i in range(64): src = src.replace("{{%d}}" % i, "{%d}" % i)
   return src
 
 
@@ -212,10 +244,11 @@ def _run(name: str, declarations: str, rows: str, n_out: int, row_bytes: float, 
 class _Extras:
   """What a matrix-vector kernel may fuse around its product, as C and inputs: RMSNorm of x before it (norm =
   (weight, eps); every thread normalizes its own copy of x, a few microseconds) and a residual added to each
-  output (out[n] = residual[n] + row n · x). Saves the norm's two kernels and the add's one per use. Without
-  either, tl_x is x itself."""
+  output (out[i] = residual[i] + row n · x). Saves the norm's two kernels and the add's one per use. Without
+  either, tl_x is x itself. `rows`: rows of x (each normalized on its own)."""
 
-  def __init__(self, first_param: int, K: int, norm: tuple[Tensor, float] | None, residual: Tensor | None):
+  def __init__(self, first_param: int, K: int, norm: tuple[Tensor, float] | None, residual: Tensor | None,
+               rows: int = 1):
     self.declarations, self.inputs, self.store = "", [], "{value}"
     self.setup = "const float* restrict tl_x = tl_in;\n"
     if norm is not None:
@@ -223,22 +256,59 @@ class _Extras:
       wt = _WEIGHT_C_TYPE[weight.dtype]
       self.declarations += f"const {wt}* restrict tl_nw = (const {wt}*){{{first_param}}};\n"
       self.inputs.append(weight.reshape(-1))
-      self.setup = f"""float tl_xn[{K}] __attribute__((aligned(32)));
-{{
+      one = lambda src, dst: f"""{{
   tl_f8 a = 0;
   int k = 0;
-  for (; k + 8 <= {K}; k += 8) {{ tl_f8 v = *(const tl_f8*)(tl_in + k); a += v * v; }}
+  for (; k + 8 <= {K}; k += 8) {{ tl_f8 v = *(const tl_f8*)({src} + k); a += v * v; }}
   float ss = {_HSUM8};
-  for (; k < {K}; k++) ss += tl_in[k] * tl_in[k];
+  for (; k < {K}; k++) ss += {src}[k] * {src}[k];
   float inv = 1.0f / __builtin_sqrtf(ss / {K} + {float(eps)!r}f);
-  for (k = 0; k < {K}; k++) tl_xn[k] = tl_in[k] * inv * (float)tl_nw[k];
+  for (k = 0; k < {K}; k++) {dst}[k] = {src}[k] * inv * (float)tl_nw[k];
 }}
-const float* restrict tl_x = tl_xn;
 """
+      body = one("tl_in", "tl_xn") if rows == 1 else \
+        f"for (int tl_r = 0; tl_r < {rows}; tl_r++) {one(f'(tl_in + (long)tl_r * {K})', f'(tl_xn + (long)tl_r * {K})')}"
+      self.setup = f"float tl_xn[{rows * K}] __attribute__((aligned(32)));\n{body}const float* restrict tl_x = tl_xn;\n"
     if residual is not None:
       self.declarations += f"const float* restrict tl_res = (const float*){{{first_param + len(self.inputs)}}};\n"
       self.inputs.append(residual.reshape(-1).float())
-      self.store = "tl_res[n] + {value}"
+      self.store = "tl_res[{index}] + {value}"
+
+
+def _x_rows(x: Tensor) -> int:
+  """Rows of x [..., K] (one per sequence of a batched decode step)."""
+  return x.numel() // x.shape[-1]
+
+
+def _for_each_x_row(rows: int, K: int, n_out: int, statement) -> str:
+  """C running statement(x, index) for every row of x: x the row's pointer, index that of its output for weight row
+  n. One row is the kernel as it always was (tl_x, output n), so a batch computes each row exactly as alone."""
+  if rows == 1: return statement("tl_x", "n")
+  return f"""for (int tl_r = 0; tl_r < {rows}; tl_r++) {{
+    const float* restrict tl_xr = tl_x + (long)tl_r * {K};
+    {statement("tl_xr", f"(long)tl_r * {n_out} + n")}
+  }}
+"""
+
+
+def _x_row_groups(rows: int) -> list[list[int]]:
+  """The rows of x in groups that share weight loads."""
+  return [list(range(g, min(g + X_ROWS_PER_PASS, rows))) for g in range(0, rows, X_ROWS_PER_PASS)]
+
+
+def _dense_dots(w_row: str, wt: str, K: int, load8: str, rows: int, name: str) -> tuple[str, list[str]]:
+  """C computing weight row w_row · each row of x into floats {name}0, {name}1, ... (one row: `_dot_row` into
+  {name}); and the names of those floats."""
+  if rows == 1: return _dot_row(w_row, wt, K, load8, name), [name]
+  code, names = "", []
+  for group in _x_row_groups(rows):
+    results = [f"{name}{r}" for r in group]
+    code += _dot_rows(w_row, wt, K, load8, results, [f"(tl_x + {r * K})" for r in group])
+    names += results
+  return code, names
+
+
+def _rows_name(name: str, rows: int) -> str: return name if rows == 1 else f"{name}_x{rows}"
 
 
 def _launch(name: str, declarations: str, rows: str, n_out: int, inputs: list[Tensor], n_rows: int, rows_per_chunk: int,
@@ -281,28 +351,38 @@ def _fused_name(name: str, norm: tuple[Tensor, float] | None, residual: Tensor |
 def matvec_concat(x: Tensor, weights: list[Tensor], name: str | None = None, norm: tuple[Tensor, float] | None = None,
                   residual: Tensor | None = None) -> Tensor:
   """[x @ w.T for w in weights] concatenated, in one kernel (the q, k and v projections of a layer); with
-  norm = (weight, eps), x is RMS-normalized first, and a residual [sum of N] is added to the output."""
+  norm = (weight, eps), x is RMS-normalized first, and a residual [sum of N] is added to the output. x may hold a
+  few rows (one per sequence decoded together): each weight row is read from memory once for all of them, and the
+  output is [rows, sum of N]."""
   K, wt, load8 = weights[0].shape[1], _WEIGHT_C_TYPE[weights[0].dtype], _LOAD8[weights[0].dtype]
-  extra = _Extras(2 + len(weights), K, norm, residual)
+  B, total = _x_rows(x), sum(w.shape[0] for w in weights)
+  extra = _Extras(2 + len(weights), K, norm, residual, B)
   rows, offset = "", 0
   for i, w in enumerate(weights):   # output rows [offset, offset + N) come from weight i
     N = w.shape[0]
+    dots, names = _dense_dots(f"tl_w{i} + (long)(n - {offset}) * {K}", wt, K, load8, B, "s")
+    index = lambda r: "n" if B == 1 else f"{r * total} + n"
+    stores = "".join(f"  {{0}}[{index(r)}] = {extra.store.format(index=index(r), value=v)};\n" for r, v in enumerate(names))
     rows += f"for (int n = (tl_lo > {offset} ? tl_lo : {offset}); n < (tl_hi < {offset + N} ? tl_hi : {offset + N}); n++) {{\n" \
-            f"  {_dot_row(f'tl_w{i} + (long)(n - {offset}) * {K}', wt, K, load8, 's')}  {{0}}[n] = {extra.store.format(value='s')};\n}}\n"
+            f"  {dots}{stores}}}\n"
     offset += N
   name = _fused_name(name or f"matvec{len(weights)}_{_kind(weights[0])}_{offset}_{K}", norm, residual)
-  return _run(name, _dense_declarations(weights), rows, offset, K * weights[0].dtype.itemsize, x, *weights, extra=extra)
+  return _run(_rows_name(name, B), _dense_declarations(weights), rows, B * total, K * weights[0].dtype.itemsize, x,
+              *weights, n_rows=total, extra=extra)
 
 
 def matvec_swiglu(x: Tensor, gate: Tensor, up: Tensor, norm: tuple[Tensor, float] | None = None) -> Tensor:
-  """silu(x @ gate.T) * (x @ up.T) → float32 [N] in one kernel that streams both weights row by row (x
-  RMS-normalized first with norm = (weight, eps))."""
+  """silu(x @ gate.T) * (x @ up.T) → float32 [N] ([rows, N] for a few rows of x) in one kernel that streams both
+  weights row by row (x RMS-normalized first with norm = (weight, eps))."""
   (N, K), wt, load8 = gate.shape, _WEIGHT_C_TYPE[gate.dtype], _LOAD8[gate.dtype]
-  rows = f"for (int n = tl_lo; n < tl_hi; n++) {{\n  {_dot_row(f'tl_w0 + (long)n * {K}', wt, K, load8, 'g')}" \
-         f"  {_dot_row(f'tl_w1 + (long)n * {K}', wt, K, load8, 'u')}" \
-         f"  {{0}}[n] = g / (1.0f + TL_EXPF(-g)) * u;\n}}\n"
-  return _run(_fused_name(f"swiglu_{_kind(gate)}_{N}_{K}", norm, None), _dense_declarations([gate, up]), rows, N,
-              2 * K * gate.dtype.itemsize, x, gate, up, extra=_Extras(4, K, norm, None))
+  B = _x_rows(x)
+  g_dots, gs = _dense_dots(f"tl_w0 + (long)n * {K}", wt, K, load8, B, "g")
+  u_dots, us = _dense_dots(f"tl_w1 + (long)n * {K}", wt, K, load8, B, "u")
+  index = lambda r: "n" if B == 1 else f"{r * N} + n"
+  stores = "".join(f"  {{0}}[{index(r)}] = {g} / (1.0f + TL_EXPF(-{g})) * {u};\n" for r, (g, u) in enumerate(zip(gs, us)))
+  rows = f"for (int n = tl_lo; n < tl_hi; n++) {{\n  {g_dots}  {u_dots}{stores}}}\n"
+  return _run(_rows_name(_fused_name(f"swiglu_{_kind(gate)}_{N}_{K}", norm, None), B), _dense_declarations([gate, up]),
+              rows, B * N, 2 * K * gate.dtype.itemsize, x, gate, up, n_rows=N, extra=_Extras(4, K, norm, None, B))
 
 
 def _block_declarations(kind: str, n_layers: int) -> str:
@@ -313,35 +393,49 @@ def _block_declarations(kind: str, n_layers: int) -> str:
   return ptrs + "const float* restrict tl_in = (const float*){1};\n"
 
 
+def _quantize_x(NB: int, rows: int) -> str:
+  """The per-thread prologue rounding every row of x to Q8_0 blocks (a row's blocks follow the previous row's)."""
+  return _QUANTIZE_X % {"K": rows * NB * QBLOCK, "NB": rows * NB}
+
+
+def _x_block(rows: int, NB: int) -> str:
+  """The index among the quantized blocks of x of row tl_r's block b (see `_block_rows_dot`)."""
+  return "b" if rows == 1 else f"(tl_r * {NB} + b)"
+
+
 def matvec_blocks(kind: str, x: Tensor, layers: list[tuple[Tensor, Tensor]], norm: tuple[Tensor, float] | None = None,
                   residual: Tensor | None = None) -> Tensor:
-  """x [..., K] (one row) against Q8_0 ("q8_0") or Q4_0 ("q4_0") layers (packed [N, K/32, 32 or 16], fp16 scale
-  [N, K/32]) → float32 [sum of N], their outputs one after another, in one kernel: x is rounded to Q8_0 blocks
-  once for all of them (the q, k and v projections of a layer). norm and residual as in `matvec_concat`."""
+  """x [..., K] (one row, or a few) against Q8_0 ("q8_0") or Q4_0 ("q4_0") layers (packed [N, K/32, 32 or 16], fp16
+  scale [N, K/32]) → float32 [sum of N] per row of x, their outputs one after another, in one kernel: x is rounded to
+  Q8_0 blocks once for all of them (the q, k and v projections of a layer). norm and residual as in `matvec_concat`."""
   NB, rows, offset = layers[0][1].shape[1], "", 0
-  extra = _Extras(2 + 2 * len(layers), NB * QBLOCK, norm, residual)
+  B, total = _x_rows(x), sum(scale.shape[0] for _, scale in layers)
+  extra = _Extras(2 + 2 * len(layers), NB * QBLOCK, norm, residual, B)
   for i, (_, scale) in enumerate(layers):   # output rows [offset, offset + N) come from layer i
     N = scale.shape[0]
+    dot = lambda xp, index: f"{_block_row_dot(kind, i, f'n - {offset}', NB, 's', _x_block(B, NB))}" \
+                            f"  {{0}}[{index}] = {extra.store.format(index=index, value='s')};\n"
     rows += f"for (int n = (tl_lo > {offset} ? tl_lo : {offset}); n < (tl_hi < {offset + N} ? tl_hi : {offset + N}); n++) {{\n" \
-            f"  {_block_row_dot(kind, i, f'n - {offset}', NB, 's')}  {{0}}[n] = {extra.store.format(value='s')};\n}}\n"
+            f"  {_for_each_x_row(B, NB * QBLOCK, total, dot)}}}\n"
     offset += N
-  fill = {"K": NB * QBLOCK, "NB": NB}
   name = _fused_name(f"matvec{len(layers) if len(layers) > 1 else ''}_{kind}_{offset}_{NB * QBLOCK}", norm, residual)
-  return _run(name, _block_declarations(kind, len(layers)), rows, offset, NB * QBLOCK * BYTES_PER_WEIGHT[kind], x,
-              *[t for layer in layers for t in layer], prologue=_QUANTIZE_X % fill, extra=extra)
+  return _run(_rows_name(name, B), _block_declarations(kind, len(layers)), rows, B * total,
+              NB * QBLOCK * BYTES_PER_WEIGHT[kind], x, *[t for layer in layers for t in layer], n_rows=total,
+              prologue=_quantize_x(NB, B), extra=extra)
 
 
 def matvec_blocks_swiglu(kind: str, x: Tensor, gate: tuple[Tensor, Tensor], up: tuple[Tensor, Tensor],
                          norm: tuple[Tensor, float] | None = None) -> Tensor:
-  """silu(x @ dequant(gate).T) * (x @ dequant(up).T) → float32 [N] for one row x, in one kernel (x RMS-normalized
-  first with norm = (weight, eps))."""
+  """silu(x @ dequant(gate).T) * (x @ dequant(up).T) → float32 [N] per row of x (one or a few), in one kernel (x
+  RMS-normalized first with norm = (weight, eps))."""
   N, NB = gate[1].shape
-  rows = f"for (int n = tl_lo; n < tl_hi; n++) {{\n  {_block_rows_dot(kind, [(0, 'n', 'g'), (1, 'n', 'u')], NB)}" \
-         f"  {{0}}[n] = g / (1.0f + TL_EXPF(-g)) * u;\n}}\n"
-  fill = {"K": NB * QBLOCK, "NB": NB}
-  return _run(_fused_name(f"swiglu_{kind}_{N}_{NB * QBLOCK}", norm, None), _block_declarations(kind, 2), rows, N,
-              2 * NB * QBLOCK * BYTES_PER_WEIGHT[kind], x, *gate, *up, prologue=_QUANTIZE_X % fill,
-              extra=_Extras(6, NB * QBLOCK, norm, None))
+  B = _x_rows(x)
+  both = lambda xp, index: f"{_block_rows_dot(kind, [(0, 'n', 'g'), (1, 'n', 'u')], NB, _x_block(B, NB))}" \
+                           f"  {{0}}[{index}] = g / (1.0f + TL_EXPF(-g)) * u;\n"
+  rows = f"for (int n = tl_lo; n < tl_hi; n++) {{\n  {_for_each_x_row(B, NB * QBLOCK, N, both)}}}\n"
+  return _run(_rows_name(_fused_name(f"swiglu_{kind}_{N}_{NB * QBLOCK}", norm, None), B), _block_declarations(kind, 2),
+              rows, B * N, 2 * NB * QBLOCK * BYTES_PER_WEIGHT[kind], x, *gate, *up, n_rows=N,
+              prologue=_quantize_x(NB, B), extra=_Extras(6, NB * QBLOCK, norm, None, B))
 
 
 # Several-row products (prefill): y [M, N] = x [M, K] @ W[N, K].T. Each group of three weight rows is first made
@@ -478,9 +572,11 @@ def _dot(D: int, a: str, b: str, b_load8: str) -> str:
   return f"tl_f8 a = 0; for (int d = 0; d < {D}; d += 8) a += *(const tl_f8*)({a} + d) * {load};\n    float dot = {_HSUM8};"
 
 
-def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp, key_bias: Tensor | None = None) -> Tensor:
-  """Causal attention of q [B, T, H, D] (positions start_pos..start_pos+T-1) over the cache [B, KV, max_seq_len, D],
-  whose first start_pos + T positions are filled; key_bias [B, max_seq_len] is added to the scores of each key.
+def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp, key_bias: Tensor | None = None,
+              first_row: int = 0) -> Tensor:
+  """Causal attention of q [B, T, H, D] (positions start_pos..start_pos+T-1) over cache rows first_row.. of the
+  cache [rows, KV, max_seq_len, D], whose first start_pos + T positions are filled; key_bias [B, max_seq_len] is
+  added to the scores of each key.
   → float32 [B, T, H, D]. One (batch, position, head) row per work item, so prefill rows spread over the threads;
   tinygrad's generated kernels for the same attention reach ~3 GFLOP/s here."""
   B, T, H, D = q.shape
@@ -501,7 +597,7 @@ def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
   int h = r % {H}, t = (r / {H}) % {T}, b = r / ({H} * {T});
   int n_keys = tl_pos + t + 1;
   const float* q = tl_q + (long)r * {D};
-  long head = ((long)b * {KV} + h / {H // KV}) * {max_len} * {D};
+  long head = ((long)(b + {first_row}) * {KV} + h / {H // KV}) * {max_len} * {D};
   float scores[n_keys];
   float top = -__builtin_inff();
   for (int s = 0; s < n_keys; s++) {{
@@ -523,48 +619,27 @@ def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
   for (int d = 0; d < {D}; d++) o[d] = total > 0 ? acc[d] / total : 0.0f;
 }}
 """
-  out = _launch(f"attention_{_kind(cache_k)}_{B}_{T}_{H}_{KV}_{D}", decl, rows, B * T * H * D, inputs, B * T * H, 1)
+  name = f"attention_{_kind(cache_k)}_{B}_{T}_{H}_{KV}_{D}" + (f"_row{first_row}" if first_row else "")
+  out = _launch(name, decl, rows, B * T * H * D, inputs, B * T * H, 1)
   return out.reshape(B, T, H, D)
 
 
-def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp,
-                     position: Tensor, n_heads: int) -> Tensor:
-  """One new token of one sequence, in one kernel: RoPE of its q and k (qkv = q, k, v unrotated, [H*D + 2*KV*D]) with
-  row `position` of the tables cos/sin [max_len, D/2], its k and v written into the caches [1, KV, max_len, D] at
-  that position, then causal attention of q over positions 0..position → float32 [H*D]. The kernel reads the
-  position from `position`, an int32 [1] buffer holding start_pos, so one compiled kernel serves every step. The
-  cache write happens inside the kernel, unseen by tinygrad's graph: nothing else in a decode step reads the cache, and the next step's kernels run after this one.
-  The first query head of each kv head writes that head's row; every head uses its own copy of the new k and v
-  (rounded to the cache dtype, as a cache read would give), so no head reads a row another thread is writing.
-  Replaces seven kernels per layer (RoPE of q and k, two cache writes, the position, attention)."""
-  _, KV, max_len, D = cache_k.shape
-  H, half = n_heads, D // 2
-  kt, load8 = _WEIGHT_C_TYPE[cache_k.dtype], _LOAD8[cache_k.dtype]
-  decl = f"""float* restrict tl_o = (float*){{0}};
-const float* restrict tl_qkv = (const float*){{1}};
-{kt}* tl_k = ({kt}*){{2}};
-{kt}* tl_v = ({kt}*){{3}};
-const float* restrict tl_cos = (const float*){{4}};
-const float* restrict tl_sin = (const float*){{5}};
-const int tl_pos = *(const int*){{6}};
-"""
+def _attend_new_token(D: int, half: int, H: int, KV: int, max_len: int, kt: str, load8: str) -> str:
+  """C for one query head h of one new token whose q, k, v (unrotated) are at q_in, k_in, v_in, at position tl_pos
+  of the cache head starting at `head` (an element offset into tl_k / tl_v): RoPE of q and k, this token's k and
+  v written into the cache by the first query head of each kv head, attention over positions 0..tl_pos into o."""
   rotate = lambda src, dst, cast: f"""for (int i = 0; i < {half}; i++) {{
     float x0 = {src}[2 * i], x1 = {src}[2 * i + 1];
     {dst}[2 * i] = {cast}(x0 * c[i] - x1 * sn[i]);
     {dst}[2 * i + 1] = {cast}(x0 * sn[i] + x1 * c[i]);
   }}"""
-  rows = f"""for (int h = tl_lo; h < tl_hi; h++) {{
-  int g = h / {H // KV};
+  return f"""{{
   const float *c = tl_cos + (long)tl_pos * {half}, *sn = tl_sin + (long)tl_pos * {half};
   float q[{D}] __attribute__((aligned(32)));
   {kt} k_new[{D}] __attribute__((aligned(32))), v_new[{D}] __attribute__((aligned(32)));
-  const float* q_in = tl_qkv + h * {D};
-  const float* k_in = tl_qkv + {H * D} + g * {D};
-  const float* v_in = tl_qkv + {(H + KV) * D} + g * {D};
   {rotate("q_in", "q", "")}
   {rotate("k_in", "k_new", f"({kt})")}
   for (int d = 0; d < {D}; d++) v_new[d] = ({kt})v_in[d];
-  long head = (long)g * {max_len * D};
   if (h % {H // KV} == 0) for (int d = 0; d < {D}; d++) {{
     tl_k[head + (long)tl_pos * {D} + d] = k_new[d];
     tl_v[head + (long)tl_pos * {D} + d] = v_new[d];
@@ -587,13 +662,92 @@ const int tl_pos = *(const int*){{6}};
     total += p;
     for (int d = 0; d < {D}; d++) acc[d] += p * (float)v[d];
   }}
-  float* o = tl_o + (long)h * {D};
   for (int d = 0; d < {D}; d++) o[d] = acc[d] / total;
 }}
 """
+
+
+def _attention_declarations(kt: str) -> str:
+  return f"""float* restrict tl_o = (float*){{0}};
+const float* restrict tl_qkv = (const float*){{1}};
+{kt}* tl_k = ({kt}*){{2}};
+{kt}* tl_v = ({kt}*){{3}};
+const float* restrict tl_cos = (const float*){{4}};
+const float* restrict tl_sin = (const float*){{5}};
+"""
+
+
+def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp,
+                     position: Tensor, n_heads: int, first_row: int = 0) -> Tensor:
+  """One new token of one sequence, in one kernel: RoPE of its q and k (qkv = q, k, v unrotated, [H*D + 2*KV*D]) with
+  row `position` of the tables cos/sin [max_len, D/2], its k and v written into row first_row of the caches
+  [rows, KV, max_len, D] at that position, then causal attention of q over positions 0..position → float32 [H*D].
+  The kernel reads the position from `position`, an int32 [1] buffer holding start_pos, so one compiled kernel
+  serves every step. The cache write happens inside the kernel, unseen by tinygrad's graph: nothing else in a
+  decode step reads the cache, and the next step's kernels run after this one.
+  The first query head of each kv head writes that head's row; every head uses its own copy of the new k and v
+  (rounded to the cache dtype, as a cache read would give), so no head reads a row another thread is writing.
+  Replaces seven kernels per layer (RoPE of q and k, two cache writes, the position, attention)."""
+  _, KV, max_len, D = cache_k.shape
+  H, kt, load8 = n_heads, _WEIGHT_C_TYPE[cache_k.dtype], _LOAD8[cache_k.dtype]
+  decl = _attention_declarations(kt) + "const int tl_pos = *(const int*){6};\n"
+  rows = f"""for (int h = tl_lo; h < tl_hi; h++) {{
+  int g = h / {H // KV};
+  const float* q_in = tl_qkv + h * {D};
+  const float* k_in = tl_qkv + {H * D} + g * {D};
+  const float* v_in = tl_qkv + {(H + KV) * D} + g * {D};
+  long head = ((long){first_row} * {KV} + g) * {max_len * D};
+  float* o = tl_o + (long)h * {D};
+  {_attend_new_token(D, D // 2, H, KV, max_len, kt, load8)}}}
+"""
   inputs = [qkv.reshape(-1).float(), cache_k.reshape(-1), cache_v.reshape(-1), cos.reshape(-1), sin.reshape(-1),
             position.reshape(-1)]
-  return _launch(f"decode_attention_{_kind(cache_k)}_{H}_{KV}_{D}_{max_len}", decl, rows, H * D, inputs, H, 1)
+  name = f"decode_attention_{_kind(cache_k)}_{H}_{KV}_{D}_{max_len}" + (f"_row{first_row}" if first_row else "")
+  return _launch(name, decl, rows, H * D, inputs, H, 1)
+
+
+def decode_attention_rows(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, feed: Tensor,
+                          n_heads: int) -> Tensor:
+  """`decode_attention` for a few sequences at once, each at its own position in its own cache row: qkv [B, H*D +
+  2*KV*D], feed int32 [3, B] = (tokens, positions, cache rows) → float32 [B, H*D]. A row whose cache row is -1
+  (padding up to the batch size of a compiled step) writes nothing and attends to nothing (zeros). Each (sequence,
+  head) computes exactly what `decode_attention` computes for it alone."""
+  B = qkv.shape[0]
+  _, KV, max_len, D = cache_k.shape
+  H, kt, load8 = n_heads, _WEIGHT_C_TYPE[cache_k.dtype], _LOAD8[cache_k.dtype]
+  width = (H + 2 * KV) * D
+  decl = _attention_declarations(kt) + "const int* restrict tl_feed = (const int*){6};\n"
+  rows = f"""for (int r = tl_lo; r < tl_hi; r++) {{
+  int b = r / {H}, h = r % {H}, g = h / {H // KV};
+  int tl_pos = tl_feed[{B} + b], slot = tl_feed[{2 * B} + b];
+  float* o = tl_o + (long)r * {D};
+  if (slot < 0) {{ for (int d = 0; d < {D}; d++) o[d] = 0; continue; }}
+  const float* q_in = tl_qkv + (long)b * {width} + h * {D};
+  const float* k_in = tl_qkv + (long)b * {width} + {H * D} + g * {D};
+  const float* v_in = tl_qkv + (long)b * {width} + {(H + KV) * D} + g * {D};
+  long head = ((long)slot * {KV} + g) * {max_len * D};
+  {_attend_new_token(D, D // 2, H, KV, max_len, kt, load8)}}}
+"""
+  inputs = [qkv.reshape(-1).float(), cache_k.reshape(-1), cache_v.reshape(-1), cos.reshape(-1), sin.reshape(-1),
+            feed.reshape(-1)]
+  out = _launch(f"decode_attention_{_kind(cache_k)}_{H}_{KV}_{D}_{max_len}_x{B}", decl, rows, B * H * D, inputs, B * H, 1)
+  return out.reshape(B, H * D)
+
+
+def embedding_rows(weight: Tensor, feed: Tensor) -> Tensor:
+  """Rows feed[0, :] (the tokens of a batched decode step, int32 [3, B]) of the embedding table [vocab, dim] →
+  float32 [B, dim]: a row read per token (tinygrad's gather compares every table row with every token)."""
+  B, dim = feed.shape[1], weight.shape[1]
+  wt = _WEIGHT_C_TYPE[weight.dtype]
+  decl = f"float* restrict tl_y = (float*){{0}};\nconst int* restrict tl_feed = (const int*){{1}};\n" \
+         f"const {wt}* restrict tl_w = (const {wt}*){{2}};\n"
+  rows = f"""for (int b = tl_lo; b < tl_hi; b++) {{
+  const {wt}* row = tl_w + (long)tl_feed[b] * {dim};
+  for (int d = 0; d < {dim}; d++) tl_y[(long)b * {dim} + d] = (float)row[d];
+}}
+"""
+  return _launch(f"embedding_{_kind(weight)}_{dim}_x{B}", decl, rows, B * dim, [feed.reshape(-1), weight.reshape(-1)],
+                 B, B).reshape(B, dim)
 
 
 # ---- the contract shared with ops/gpu.py (ops/__init__.py chooses; None: this module does not compute it) --------
@@ -604,8 +758,9 @@ CACHE_DTYPES = (dtypes.float32, dtypes.float16)
 
 def project(x: Tensor, weights: list, norm: tuple[Tensor, float] | None = None, residual: Tensor | None = None,
             out_dtype: DType | None = None) -> Tensor | None:
-  """One row x against layers of one kind read together (`layers.KernelWeights`) → their outputs one after another
-  [..., sum of N] in out_dtype (default x's), x RMS-normalized first by norm = (weight, eps), a residual added."""
+  """One row x (or a few: the sequences of a batched decode step) against layers of one kind read together
+  (`layers.KernelWeights`) → their outputs one after another [..., sum of N] in out_dtype (default x's), x
+  RMS-normalized first by norm = (weight, eps), a residual added."""
   kind = weights[0].kind
   if kind in ("f32", "f16"):
     dense = [w.tensors[0] for w in weights]
@@ -616,7 +771,7 @@ def project(x: Tensor, weights: list, norm: tuple[Tensor, float] | None = None, 
 
 
 def project_swiglu(x: Tensor, gate, up, norm: tuple[Tensor, float] | None = None) -> Tensor | None:
-  """silu(gate · x) * (up · x) for one row x, both layers read in one kernel, in x's dtype."""
+  """silu(gate · x) * (up · x) for one row x (or a few), both layers read in one kernel, in x's dtype."""
   if gate.kind in ("f32", "f16"): y = matvec_swiglu(x, gate.tensors[0], up.tensors[0], norm=norm)
   else: y = matvec_blocks_swiglu(gate.kind, x, gate.tensors, up.tensors, norm=norm)
   return y.reshape(*x.shape[:-1], -1).cast(x.dtype)
@@ -637,6 +792,6 @@ def project_rows_swiglu(x: Tensor, gate, up) -> Tensor | None:
 
 
 def cached_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
-                     key_bias: Tensor | None) -> Tensor | None:
-  """Causal attention of q [B, T, H, D] over the KV cache (`attention`), in q's dtype."""
-  return attention(q, cache_k, cache_v, start_pos, key_bias).cast(q.dtype)
+                     key_bias: Tensor | None, first_row: int = 0) -> Tensor | None:
+  """Causal attention of q [B, T, H, D] over cache rows first_row.. of the KV cache (`attention`), in q's dtype."""
+  return attention(q, cache_k, cache_v, start_pos, key_bias, first_row).cast(q.dtype)

@@ -6,6 +6,10 @@ residual. Then RMSNorm + the output head. For small models on the CPU and for bi
 large part of a step. It computes what `Transformer.decode_step` computes (tests hold the two equal); a model
 whose layers it cannot read together (LoRA, bf16, a mix of float and quantized layers) has no plan and decodes
 through `Transformer.decode_step`.
+
+`decode_rows` is the same step for a few sequences at once (the engine's batch), each at its own position in its
+own cache row: every weight is read once for all of them, and each row is computed exactly as it is alone. Only
+ops/cpu.py has kernels for it; elsewhere it returns None and the sequences decode one after another.
 """
 from __future__ import annotations
 
@@ -70,9 +74,23 @@ def decode_step(model, plan: Plan, token: UOp, start_pos: UOp, caches: list) -> 
   for block, layer, cache in zip(model.layers, plan.layers, caches):
     if (qkv := kernels.project(x, layer.qkv, norm=_norm(block.attention_norm))) is None: return None
     attended = kernels.decode_attention(qkv, cache.k, cache.v, rope.cos, rope.sin, start_pos, position,
-                                        block.attention.n_heads)
+                                        block.attention.n_heads, cache.first)
     if (h := kernels.project(attended, layer.wo, residual=x)) is None: return None
     if (gated := kernels.project_swiglu(h, *layer.gate_up, norm=_norm(block.ffn_norm))) is None: return None
     if (x := kernels.project(gated, layer.w2, residual=h)) is None: return None
   logits = kernels.project(x, plan.head, norm=_norm(model.norm), out_dtype=dtypes.float32)
   return None if logits is None else logits.reshape(1, -1)
+
+
+def decode_rows(model, plan: Plan, feed: Tensor, caches: list) -> Tensor | None:
+  """Logits [B, vocab] (float32) of B sequences' next tokens: feed int32 [3, B] holds their tokens, positions and
+  cache rows (-1: a padding row, which writes nothing). None where the kernels have no batched step."""
+  kernels, rope = plan.kernels, model.rope
+  if (x := kernels.embedding_rows(model.tok_embeddings.weight, feed)) is None: return None
+  for block, layer, cache in zip(model.layers, plan.layers, caches):
+    if (qkv := kernels.project(x, layer.qkv, norm=_norm(block.attention_norm))) is None: return None
+    attended = kernels.decode_attention_rows(qkv, cache.k, cache.v, rope.cos, rope.sin, feed, block.attention.n_heads)
+    if attended is None or (h := kernels.project(attended, layer.wo, residual=x)) is None: return None
+    if (gated := kernels.project_swiglu(h, *layer.gate_up, norm=_norm(block.ffn_norm))) is None: return None
+    if (x := kernels.project(gated, layer.w2, residual=h)) is None: return None
+  return kernels.project(x, plan.head, norm=_norm(model.norm), out_dtype=dtypes.float32)

@@ -319,9 +319,9 @@ def _kernel_position(start_pos: int | UOp) -> int | UOp:
   return UOp.variable(var.arg.name, var.vmin, var.vmax, var.dtype, param=True)
 
 
-def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp) -> Tensor:
+def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp, first_row: int = 0) -> Tensor:
   """softmax(q k^T / sqrt(D)) v over cache positions 0..start_pos for q [1, 1, H, D] (RoPE applied, this token's
-  k and v already in the cache [1, KV, max_len, D]) in two kernels: the scores, then softmax and the weighted
+  k and v already in row first_row of the cache [rows, KV, max_len, D]) in two kernels: the scores, then softmax and the weighted
   sum of values together (tinygrad's generic path takes five: scores, max, sum of exp, normalize, values)."""
   _, _, H, D = q.shape
   _, KV, max_len, _ = cache_k.shape
@@ -332,7 +332,7 @@ def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp)
   def scores_kernel(out: UOp, qp: UOp, kp: UOp) -> UOp:
     n = _kernel_position(start_pos) + 1
     h, s, e = UOp.range(H, 0), UOp.range(n, 1), UOp.range(D, 2, AxisType.REDUCE)
-    dot = (qp[0, 0, h, e].cast(dtypes.float) * kp[0, h // group, s, e].cast(dtypes.float)).reduce(e, arg=Ops.ADD)
+    dot = (qp[0, 0, h, e].cast(dtypes.float) * kp[first_row, h // group, s, e].cast(dtypes.float)).reduce(e, arg=Ops.ADD)
     opts = (Opt(OptOps.UNROLL, 0, unroll), Opt(OptOps.GROUP, 0, threads)) if threads > 1 else ()
     return out[h, s].store(dot * scale).end(h, s).sink(arg=KernelInfo(name=f"gpu_attn_scores_{H}_{D}", opts_to_apply=opts))
 
@@ -343,7 +343,7 @@ def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp)
     top = sp[h, s1].reduce(s1, arg=Ops.MAX)
     weight = lambda s: ((sp[h, s] - top) * 1.4426950408889634).exp2()
     total = weight(s2).reduce(s2, arg=Ops.ADD)
-    acc = (weight(s3) * vp[0, h // group, s3, d].cast(dtypes.float)).reduce(s3, arg=Ops.ADD)
+    acc = (weight(s3) * vp[first_row, h // group, s3, d].cast(dtypes.float)).reduce(s3, arg=Ops.ADD)
     per_thread = _largest_divisor(D, 4)
     opts = (Opt(OptOps.LOCAL, 1, _largest_divisor(D // per_thread, 32)),) + \
       ((Opt(OptOps.UPCAST, 1, per_thread),) if per_thread > 1 else ())
@@ -363,10 +363,10 @@ def _rotated_pair(src: UOp, base: int | UOp, i: UOp, cos: UOp, sin: UOp, pos: in
 
 
 def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, start_pos: int | UOp,
-                     position: Tensor, n_heads: int) -> Tensor:
+                     position: Tensor, n_heads: int, first_row: int = 0) -> Tensor:
   """One new token of one sequence in two kernels: qkv = its q, k and v unrotated [H*D + 2*KV*D]; RoPE of q and k
   at `start_pos` (tables cos/sin [max_len, D/2]), causal attention of q over positions 0..start_pos, and k, v written
-  into the caches [1, KV, max_len, D] at that position → [H*D] in qkv's dtype. The first kernel computes the scores
+  into row first_row of the caches [rows, KV, max_len, D] at that position → [H*D] in qkv's dtype. The first kernel computes the scores
   (the new key rotated on the fly, older keys from the cache); the second the softmax and the weighted sum of
   values, and the first query head of each kv head stores the new cache row. tinygrad's lazy graph does not
   order anything after that store (the cache outputs of the kernel are unused): nothing else in a decode step
@@ -388,8 +388,8 @@ def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor,
     q0, q1 = _rotated_pair(qp, h * D, i, cp, sp, pos)
     new0, new1 = (v.cast(cdt).cast(dtypes.float) for v in _rotated_pair(qp, k_base + g * D, i, cp, sp, pos))
     old = s < pos
-    k0 = old.where(kp[0, g, s, 2 * i].cast(dtypes.float), new0)
-    k1 = old.where(kp[0, g, s, 2 * i + 1].cast(dtypes.float), new1)
+    k0 = old.where(kp[first_row, g, s, 2 * i].cast(dtypes.float), new0)
+    k1 = old.where(kp[first_row, g, s, 2 * i + 1].cast(dtypes.float), new1)
     dot = (q0 * k0 + q1 * k1).reduce(i, arg=Ops.ADD)
     opts = (Opt(OptOps.GROUP, 0, threads),) if threads > 1 else ()
     return out[h, s].store(dot * scale).end(h, s).sink(arg=KernelInfo(name=f"gpu_rope_attn_scores_{H}_{D}", opts_to_apply=opts))
@@ -403,13 +403,13 @@ def decode_attention(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor,
     weight = lambda s: ((scp[h, s] - top) * 1.4426950408889634).exp2()
     total = weight(s2).reduce(s2, arg=Ops.ADD)
     new_v = qp[v_base + g * D + d].cast(cdt)
-    value = (s3 < pos).where(vp[0, g, s3, d].cast(dtypes.float), new_v.cast(dtypes.float))
+    value = (s3 < pos).where(vp[first_row, g, s3, d].cast(dtypes.float), new_v.cast(dtypes.float))
     acc = (weight(s3) * value).reduce(s3, arg=Ops.ADD)
     k0, k1 = _rotated_pair(qp, k_base + g * D, i, cp, sp, pos)
     writes = (h % group).eq(0)   # the first query head of each kv head writes its cache row
     stores = UOp.group(out[h, d].store((acc / total).cast(qkv.dtype)),
-                       vp[0, g, pos, d.valid(writes)].store(new_v),
-                       kp[0, g, pos, d.valid(writes)].store(odd.eq(0).where(k0, k1).cast(cdt)))
+                       vp[first_row, g, pos, d.valid(writes)].store(new_v),
+                       kp[first_row, g, pos, d.valid(writes)].store(odd.eq(0).where(k0, k1).cast(cdt)))
     opts = (Opt(OptOps.UPCAST, 2, 2), Opt(OptOps.LOCAL, 1, threads))
     return stores.end(h, i, odd).sink(arg=KernelInfo(name=f"gpu_rope_attn_values_{H}_{D}", opts_to_apply=opts))
 
@@ -430,14 +430,16 @@ def project(x: Tensor, weights: list, norm: tuple[Tensor, float] | None = None, 
             out_dtype: DType | None = None) -> Tensor | None:
   """One row x against layers of one kind read together (`layers.KernelWeights`) → their outputs one after another
   [..., sum of N] in out_dtype (default x's), x RMS-normalized first by norm = (weight, eps), a residual added;
-  None when a shape does not split over the work groups."""
+  None when a shape does not split over the work groups, or for several rows."""
+  if x.numel() != x.shape[-1]: return None
   if weights[0].blocks:
     return matvec_blocks(weights[0].kind, x, [w.tensors for w in weights], norm=norm, residual=residual, out_dtype=out_dtype)
   return matvec_concat(x, [w.tensors[0] for w in weights], norm=norm, residual=residual, out_dtype=out_dtype)
 
 
 def project_swiglu(x: Tensor, gate, up, norm: tuple[Tensor, float] | None = None) -> Tensor | None:
-  """silu(gate · x) * (up · x) for one row x, both layers read in one kernel, in x's dtype."""
+  """silu(gate · x) * (up · x) for one row x, both layers read in one kernel, in x's dtype (None for several rows)."""
+  if x.numel() != x.shape[-1]: return None
   if gate.blocks: return matvec_blocks_swiglu(gate.kind, x, gate.tensors, up.tensors, norm=norm)
   return matvec_swiglu(x, gate.tensors[0], up.tensors[0], norm=norm)
 
@@ -452,8 +454,18 @@ def project_rows_swiglu(x: Tensor, gate, up) -> None:
 
 
 def cached_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
-                     key_bias: Tensor | None) -> Tensor | None:
+                     key_bias: Tensor | None, first_row: int = 0) -> Tensor | None:
   """One token of one sequence without a padding bias (`attention`); None for anything else."""
   B, T, _, D = q.shape
   if B != 1 or T != 1 or key_bias is not None or not all(isinstance(s, int) for s in cache_k.shape): return None
-  return attention(q, cache_k, cache_v, start_pos)
+  return attention(q, cache_k, cache_v, start_pos, first_row)
+
+
+def decode_attention_rows(qkv: Tensor, cache_k: Tensor, cache_v: Tensor, cos: Tensor, sin: Tensor, feed: Tensor,
+                          n_heads: int) -> None:
+  """Several sequences in one step are not written for GPUs yet: they decode one after another."""
+  return None
+
+
+def embedding_rows(weight: Tensor, feed: Tensor) -> None:
+  return None

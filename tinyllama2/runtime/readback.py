@@ -1,7 +1,8 @@
-"""Reading a step's output (the logits) back to the host.
+"""Moving a step's inputs and outputs between host and device without a tinygrad graph: reading the logits back,
+writing the tokens and positions of a batched step into the buffer its captured graph reads.
 
 tinygrad 0.14 internals used: `Tensor.uop` (its `op`, `src`, `is_realized`, `buffer`), `Ops.RESHAPE`/`Ops.BUFFER`,
-`Tensor._buffer()` and `Buffer.as_memoryview(force_zero_copy=True)`.
+`Tensor._buffer()`, `Buffer.as_memoryview(force_zero_copy=True)`, `Buffer.copyin` and `dtype._to_np_dtype`.
 """
 from __future__ import annotations
 
@@ -19,3 +20,16 @@ def to_numpy(t: Tensor) -> np.ndarray:
   whole = base.op is Ops.BUFFER and base.is_realized and base.buffer.size == t.numel()
   buf = base.buffer if whole else t._buffer()
   return np.frombuffer(buf.as_memoryview(force_zero_copy=True), dtype=np.float32).reshape(t.shape).copy()
+
+
+def write_in_place(t: Tensor, values: np.ndarray) -> None:
+  """Overwrite a realized tensor's buffer with values (same size and dtype), so that a captured graph reading that
+  buffer sees them on its next run: written straight into host memory on the CPU (after a synchronize), copied in
+  elsewhere. Cheaper than an assign, which would be a graph and a kernel of its own every step."""
+  from tinygrad.dtype import _to_np_dtype
+  buf = t.uop.buffer
+  data = np.ascontiguousarray(values, dtype=_to_np_dtype(t.dtype))
+  if data.nbytes != buf.nbytes: raise ValueError(f"{data.nbytes} bytes do not fill a buffer of {buf.nbytes}")
+  if isinstance(t.device, str) and t.device.split(":")[0] == "CPU":
+    np.frombuffer(buf.as_memoryview(force_zero_copy=True), dtype=data.dtype)[:] = data.reshape(-1)
+  else: buf.copyin(memoryview(data.reshape(-1)).cast("B"))
