@@ -81,7 +81,7 @@ def bytes_per_decode_step(model) -> int:
 def _eager_decode_step(decoder, token: int, pos: int) -> None:
   """One decode step outside the JIT: kernel by kernel, so counts and DEBUG=2 times are per kernel (a GPU's JIT
   replays the step as a few CUDA graphs, which tinygrad counts and times as one kernel each)."""
-  decoder.decode_graph(decoder.tok_var.bind(token), decoder.pos_var.bind(pos)).realize()
+  decoder.eager_step(token, pos)
 
 
 def _kernels_per_decode_step(decoder, token: int, pos: int) -> int:

@@ -1,7 +1,7 @@
 """Benchmark of many simultaneous requests on one engine: aggregate decode tokens/s and per-request latency.
 
 For each concurrency c, c requests of different prompt lengths are submitted at once (greedy, no end-of-sequence,
-so each makes exactly new_tokens tokens) and consumed by one thread each, which notes when each token arrives.
+so each makes exactly new_tokens tokens); the engine notes when it made each token.
 Aggregate decode throughput counts the tokens that arrive while all c are decoding (from the moment the last one
 got its first token to the moment the first one finished), so prefill does not dilute it; time to first token is
 from submission, inter-token latency the gaps between one request's tokens. Every figure is compared with c = 1
@@ -9,7 +9,6 @@ measured in the same run (the command line is `tinyllama2 bench --concurrency`, 
 """
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
@@ -35,23 +34,20 @@ def prompt_lengths(concurrency: int, prompt_len: int) -> list[int]:
 
 
 def _run_once(llm, prompts: list[list[int]], new_tokens: int) -> tuple[list[float], list[list[float]]]:
-  """Submit all prompts at once; (submission time, token arrival times) per request."""
+  """Submit all prompts at once; (submission time, the times their tokens were made) per request. The requests
+  are read after they are done (their steps wait in their queues), so no reader thread takes a core from the
+  engine: the times are the engine's (`Request.made_at`)."""
   from .generate import GenerationConfig, Stopping
   cfg = GenerationConfig.of(max_new_tokens=new_tokens)
   stopping = Stopping(set(), new_tokens, llm.model.max_seq_len)
   llm.decoder.forget()   # every prompt prefilled in full, as a new request's would be
-  arrivals: list[list[float]] = [[] for _ in prompts]
-  submitted: list[float] = []
-  requests = []
+  submitted, requests = [], []
   for p in prompts:
     submitted.append(time.perf_counter())
     requests.append(llm.engine.submit(p, cfg, stopping))
-  def consume(i: int) -> None:
-    for _ in requests[i]: arrivals[i].append(time.perf_counter())
-  threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(prompts))]
-  for t in threads: t.start()
-  for t in threads: t.join()
-  return submitted, arrivals
+  for r in requests:
+    for _ in r: pass
+  return submitted, [r.made_at for r in requests]
 
 
 def _measure(submitted: list[float], arrivals: list[list[float]]) -> tuple[float, list[float], list[float]]:
@@ -69,7 +65,7 @@ def _measure(submitted: list[float], arrivals: list[list[float]]) -> tuple[float
 def bench_concurrency(model: str, device: str | None, dtype: str, levels: list[int], prompt_len: int = 128,
                       new_tokens: int = 64, quantize: str | None = None, repeats: int = 2) -> list[ConcurrencyResult]:
   """One row per concurrency level for one model × dtype × quantization; the engine has max(levels) slots. Each
-  level runs once to capture its graphs, then `repeats` times; the best aggregate rate counts (with its latencies)."""
+  level runs twice to capture its graphs, then `repeats` times; the best aggregate rate counts (with its latencies)."""
   from .benchmark import build_model
   if min(levels) < 1: raise ValueError(f"--concurrency levels must be at least 1, got {levels}")
   if new_tokens < 4: raise ValueError(f"new_tokens must be at least 4 for inter-token latencies, got {new_tokens}")
@@ -80,7 +76,7 @@ def bench_concurrency(model: str, device: str | None, dtype: str, levels: list[i
   rows = []
   for c in levels:
     prompts = [[1] + rng.integers(3, llm.args.vocab_size, n - 1).tolist() for n in prompt_lengths(c, prompt_len)]
-    _run_once(llm, prompts, new_tokens)   # captures this level's graphs
+    for _ in range(2): _run_once(llm, prompts, new_tokens)   # captures this level's graphs, then replays them once
     best = max((_measure(*_run_once(llm, prompts, new_tokens)) for _ in range(repeats)), key=lambda r: r[0])
     rate, ttft, gaps = best
     rows.append(ConcurrencyResult(model, name, c, rate, float(np.median(ttft)), max(ttft),

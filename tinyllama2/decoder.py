@@ -6,9 +6,10 @@ prefills only the rest, as llama.cpp's `cache_prompt` does. Prefill runs in chun
 length one captured graph per slot; decoding one token of one slot is one captured graph with the token and the
 position as bound Variables, so generating never recompiles. The one-token step goes through the fused kernels of
 `ops.fused_decode` where the model's layers allow (opt-in, on by default), else through
-`Transformer.decode_step`. Several slots decode in one step (`step_slots`) through `fused_decode.decode_rows`
-where the kernels have it: one captured graph per batch size (1, 2, 4, ... up to the slots), whose tokens,
-positions and rows are written into a buffer the graph reads; elsewhere the slots step one after another. Graphs
+`Transformer.decode_step`. Where the kernels have a batched step (`fused_decode.decode_rows`: the CPU), every
+decode step, of one slot or several, runs through it instead: one captured graph per batch size (1, 2, 4, ... up to
+the slots) serving every slot, whose tokens, positions and rows are written into a buffer the graph reads;
+elsewhere the slots step one after another, each through its own one-slot graph. Graphs
 are recaptured when the model says its weights changed (`Transformer.weights_changed`).
 """
 from __future__ import annotations
@@ -237,36 +238,44 @@ class Decoder:
 
   def step(self, token: int, pos: int, slot: int = 0) -> np.ndarray:
     """Feed `token` at position `pos` of `slot` (after the pos tokens it holds); logits for the next position [vocab]."""
-    self._fresh()
-    self._check_feed(token, pos, slot)
-    with Context(BEAM=self.beam):
-      logits = to_numpy(self.decode_logits(int(token), pos, slot))[0]
-    self._fed(token, pos, slot)
-    self.decode_steps += 1
-    return logits
+    return self.step_slots([(slot, token, pos)])[0]
 
   def step_slots(self, feeds: Sequence[tuple[int, int, int]]) -> np.ndarray:
     """Feed (slot, token, pos) for each of a few slots at once (each as `step` would); logits [len(feeds), vocab].
-    One compiled step for all of them where the kernels have one (each row computed exactly as alone), else one
-    step per slot."""
+    One compiled step for all of them where the kernels have a batched step (each row computed exactly as alone;
+    one graph per batch size serves every slot), else the one-slot step of each in turn."""
     self._fresh()
     if len({slot for slot, _, _ in feeds}) != len(feeds): raise ValueError("step_slots feeds each slot at most once")
     for slot, token, pos in feeds: self._check_feed(token, pos, slot)
-    if len(feeds) == 1: return self.step(feeds[0][1], feeds[0][2], feeds[0][0])[None]
     size = next(b for b in batch_sizes(self.slots) if b >= len(feeds))
-    if (compiled := self._rows_step(size)) is None:
-      return np.stack([self.step(token, pos, slot) for slot, token, pos in feeds])
-    feed = np.zeros((3, size), dtype=np.int32)
-    feed[2, :] = -1   # padding rows
-    for b, (slot, token, pos) in enumerate(feeds): feed[:, b] = (token, pos, slot)
-    write_in_place(compiled.feed, feed)
+    with Context(BEAM=self.beam):
+      if (compiled := self._rows_step(size)) is not None: logits = self._run_rows(compiled, feeds)
+      else: logits = np.stack([to_numpy(self.decode_logits(int(t), pos, slot))[0] for slot, t, pos in feeds])
+    for slot, token, pos in feeds: self._fed(token, pos, slot)
+    self.decode_steps += 1 if compiled is not None else len(feeds)
+    return logits
+
+  def _run_rows(self, compiled: _RowsStep, feeds: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    write_in_place(compiled.feed, self._feed_rows(feeds, compiled.feed.shape[1]))
     if compiled.replay is None and compiled.jit.captured is not None and self.replay:
       compiled.replay = Replay.of(compiled.jit, ()) or False
-    with Context(BEAM=self.beam):
-      logits = to_numpy(compiled.replay() if compiled.replay else compiled.jit())[:len(feeds)]
-    for slot, token, pos in feeds: self._fed(token, pos, slot)
-    self.decode_steps += 1
-    return logits
+    return to_numpy(compiled.replay() if compiled.replay else compiled.jit())[:len(feeds)]
+
+  @staticmethod
+  def _feed_rows(feeds: Sequence[tuple[int, int, int]], size: int) -> np.ndarray:
+    """The int32 [3, size] input of a batched step: tokens, positions, cache rows (-1 for the padding rows)."""
+    feed = np.zeros((3, size), dtype=np.int32)
+    feed[2, :] = -1
+    for b, (slot, token, pos) in enumerate(feeds): feed[:, b] = (token, pos, slot)
+    return feed
+
+  def eager_step(self, token: int, pos: int, slot: int = 0) -> None:
+    """The step `step` runs, outside any JIT: kernel by kernel, for profiles and kernel counts (the cache is written
+    but what the slot holds is not recorded)."""
+    if (compiled := self._rows_step(1)) is not None:
+      write_in_place(compiled.feed, self._feed_rows([(slot, token, pos)], 1))
+      fused_decode.decode_rows(self.model, fused_decode.plan(self.model), compiled.feed, self.slot_caches()).realize()
+    else: self.decode_graph(self.tok_var.bind(token), self.pos_var.bind(pos), slot).realize()
 
   # ---- beam search's rows -------------------------------------------------------------------------
   def prefill_rows(self, rows: Sequence[Sequence[int]]) -> np.ndarray:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections import deque
 from typing import Iterator, Sequence
 
@@ -48,6 +49,7 @@ class Request:
     self.cancelled = False
     self._steps: queue.SimpleQueue = queue.SimpleQueue()
     self._ended = False
+    self.made_at: list[float] = []   # time.perf_counter() when each step was made (latency figures)
 
   @property
   def prompt(self) -> list[int]: return self.continuation.prompt
@@ -70,7 +72,9 @@ class Request:
 
   close = cancel   # TextStream and generators close what they iterate when a caller breaks out
 
-  def _emit(self, step: TokenStep | BaseException) -> None: self._steps.put(step)
+  def _emit(self, step: TokenStep | BaseException) -> None:
+    self.made_at.append(time.perf_counter())
+    self._steps.put(step)
 
 
 class Engine:
@@ -84,8 +88,6 @@ class Engine:
     self._waiting: deque[Request] = deque()
     self._running: list[Request] = []   # holding a slot
     self._reserved: set[int] = set()    # slots lent out by `exclusive_slot`
-    self._last_used = [0] * self.decoder.slots
-    self._clock = 0
     self._worker: threading.Thread | None = None
 
   @property
@@ -124,7 +126,7 @@ class Engine:
     """The decoder to oneself and a slot no request holds (waiting for one to free up if all are busy)."""
     with self._cv:
       while not (free := self._free_slots()): self._cv.wait()
-      slot = min(free, key=lambda s: self._last_used[s])
+      slot = free[-1]   # the highest-numbered: the one requests take last
       self._reserved.add(slot)
     try:
       with self.decoder.lock: yield self.decoder, slot
@@ -161,16 +163,16 @@ class Engine:
 
   def _admit(self) -> None:
     """Give waiting requests free slots, first come first served: each the slot holding the longest prefix of its
-    prompt, else the least recently used."""
+    prompt (more than the BOS token every prompt shares), else the lowest-numbered free one, so that one user's
+    requests keep to one slot and its compiled prefill graphs."""
     while self._waiting and (free := self._free_slots()):
       request = self._waiting.popleft()
-      request.slot = max(free, key=lambda s: (self.decoder.reusable(request.prompt, s), -self._last_used[s]))
+      shared = lambda s: n if (n := self.decoder.reusable(request.prompt, s)) > 1 else 0
+      request.slot = max(free, key=lambda s: (shared(s), -s))
       self._running.append(request)
 
   def _advance(self, running: list[Request]) -> None:
     """One chunk of one prompt's prefill, then one decode step of every request that is generating."""
-    self._clock += 1
-    for r in running: self._last_used[r.slot] = self._clock
     filling = next((r for r in running if not r.prefilled and not r.cancelled), None)
     if filling is not None: self._prefill_chunk(filling)
     decoding = [r for r in running if r.prefilled and r.continuation.finish_reason is None and not r.cancelled

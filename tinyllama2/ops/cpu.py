@@ -146,12 +146,12 @@ _PAIRS = {"q8_0": "__builtin_ia32_pmaddubsw256(*(const tl_c32*)(tl_xabs + XB * 3
           "q4_0": "__builtin_ia32_pmaddubsw256(w, xv)"}
 _I8_DOT = """#if defined(__AVX2__)
     const tl_s16x16 ones = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    tl_c32 xv = *(const tl_c32*)xq;
+    tl_c32 xv = *(const tl_c32*)(XQ);
     tl_s16x16 pairs = PAIRS;
     tl_f8 s = __builtin_convertvector(__builtin_ia32_pmaddwd256(pairs, ones), tl_f8);
 #else
     int si = 0;
-    for (int j = 0; j < 32; j++) si += (int)w[j] * (int)xq[j];
+    for (int j = 0; j < 32; j++) si += (int)w[j] * (int)(XQ)[j];
     tl_f8 s = 0;
     s[0] = (float)si;
 #endif
@@ -167,34 +167,31 @@ _BLOCK_WEIGHTS = {
 _BLOCK_BYTES = {"q8_0": 32, "q4_0": 16}
 
 
-def _block_row_dot(kind: str, i: int, row: str, NB: int, result: str, xb: str = "b") -> str:
-  """C setting float `result` to (row `row` of quantized weight i: bytes tl_q{i}, fp16 scales tl_d{i}) · x, with
-  x as the thread's Q8_0 blocks (tl_xq, tl_xs): integer block dot products times the two scales."""
-  return _block_rows_dot(kind, [(i, row, result)], NB, xb)
-
-
-def _block_rows_dot(kind: str, dots: list[tuple[int, str, str]], NB: int, xb: str = "b") -> str:
-  """C for several such dot products (weight i, row, result) in one loop over the blocks, which loads each block of
-  x once for all of them and gives the core independent chains to overlap. Q4_0 sums nibbles · x and subtracts
-  8 · (sum of the block's x) · scale once per row. `xb`: the index of x's block b among the quantized blocks (of
-  several rows of x: row r's block b is r * NB + b)."""
+def _block_rows_dot(kind: str, dots: list[tuple], NB: int) -> str:
+  """C setting float `result` to (row `row` of quantized weight i: bytes tl_q{i}, fp16 scales tl_d{i}) · x, with x as
+  the thread's Q8_0 blocks (tl_xq, tl_xs): integer block dot products times the two scales; for several such dot
+  products (weight i, row, result[, x block]) in one loop over the blocks, which loads each
+  block of x (or of a weight, for several rows of x) once for all of them and gives the core independent chains to
+  overlap; each dot's own sum is the same as alone. Q4_0 sums nibbles · x and subtracts 8 · (sum of the block's x)
+  · scale once per row. A dot's fourth element (default "b") is the index of x's block b among the quantized blocks
+  (of several rows of x: row r's block b is r * NB + b)."""
   q4 = kind == "q4_0"
   body, ends = "", ""
-  for r, (i, row, result) in enumerate(dots):
+  for r, (i, row, result, *own_xb) in enumerate(dots):
+    xb_r = own_xb[0] if own_xb else "b"
     q = f"(tl_q{i} + (long)({row}) * {NB * _BLOCK_BYTES[kind]})"
     body += f"""    {{
     {_BLOCK_WEIGHTS[kind].replace("Q", q)}
-{_I8_DOT.replace("PAIRS", _PAIRS[kind].replace("XB", xb))}    float dw = (float)tl_d{i}[(long)({row}) * {NB} + b];
-    acc{r} += s * (dw * tl_xs[{xb}]);
-    {f"offset{r} += dw * tl_xsum[{xb}];" if q4 else ""}
+{_I8_DOT.replace("PAIRS", _PAIRS[kind].replace("XB", xb_r)).replace("XQ", f"tl_xq + {xb_r} * 32")}    float dw = (float)tl_d{i}[(long)({row}) * {NB} + b];
+    acc{r} += s * (dw * tl_xs[{xb_r}]);
+    {f"offset{r} += dw * tl_xsum[{xb_r}];" if q4 else ""}
     }}
 """
     ends += f"  {{ tl_f8 a = acc{r}; {result} = {_HSUM8}{f' - 8.0f * offset{r}' if q4 else ''}; }}\n"
   decl = "".join(f"  tl_f8 acc{r} = 0;\n  float offset{r} = 0;\n" for r in range(len(dots)))
-  results = "".join(f"float {result};\n" for _, _, result in dots)
+  results = "".join(f"float {d[2]};\n" for d in dots)
   return f"""{results}{{
 {decl}  for (int b = 0; b < {NB}; b++) {{
-    const signed char* xq = tl_xq + {xb} * 32;
 {body}  }}
 {ends}}}
 """
@@ -280,20 +277,10 @@ def _x_rows(x: Tensor) -> int:
   return x.numel() // x.shape[-1]
 
 
-def _for_each_x_row(rows: int, K: int, n_out: int, statement) -> str:
-  """C running statement(x, index) for every row of x: x the row's pointer, index that of its output for weight row
-  n. One row is the kernel as it always was (tl_x, output n), so a batch computes each row exactly as alone."""
-  if rows == 1: return statement("tl_x", "n")
-  return f"""for (int tl_r = 0; tl_r < {rows}; tl_r++) {{
-    const float* restrict tl_xr = tl_x + (long)tl_r * {K};
-    {statement("tl_xr", f"(long)tl_r * {n_out} + n")}
-  }}
-"""
-
-
-def _x_row_groups(rows: int) -> list[list[int]]:
-  """The rows of x in groups that share weight loads."""
-  return [list(range(g, min(g + X_ROWS_PER_PASS, rows))) for g in range(0, rows, X_ROWS_PER_PASS)]
+def _x_row_groups(rows: int, per_pass: int = 0) -> list[list[int]]:
+  """The rows of x in groups that share weight loads (X_ROWS_PER_PASS at a time unless per_pass says)."""
+  per_pass = per_pass or X_ROWS_PER_PASS
+  return [list(range(g, min(g + per_pass, rows))) for g in range(0, rows, per_pass)]
 
 
 def _dense_dots(w_row: str, wt: str, K: int, load8: str, rows: int, name: str) -> tuple[str, list[str]]:
@@ -398,9 +385,9 @@ def _quantize_x(NB: int, rows: int) -> str:
   return _QUANTIZE_X % {"K": rows * NB * QBLOCK, "NB": rows * NB}
 
 
-def _x_block(rows: int, NB: int) -> str:
-  """The index among the quantized blocks of x of row tl_r's block b (see `_block_rows_dot`)."""
-  return "b" if rows == 1 else f"(tl_r * {NB} + b)"
+def _x_block(r: int, rows: int, NB: int) -> str:
+  """The index among the quantized blocks of x of row r's block b (see `_block_rows_dot`)."""
+  return "b" if rows == 1 else f"({r * NB} + b)"
 
 
 def matvec_blocks(kind: str, x: Tensor, layers: list[tuple[Tensor, Tensor]], norm: tuple[Tensor, float] | None = None,
@@ -413,10 +400,12 @@ def matvec_blocks(kind: str, x: Tensor, layers: list[tuple[Tensor, Tensor]], nor
   extra = _Extras(2 + 2 * len(layers), NB * QBLOCK, norm, residual, B)
   for i, (_, scale) in enumerate(layers):   # output rows [offset, offset + N) come from layer i
     N = scale.shape[0]
-    dot = lambda xp, index: f"{_block_row_dot(kind, i, f'n - {offset}', NB, 's', _x_block(B, NB))}" \
-                            f"  {{0}}[{index}] = {extra.store.format(index=index, value='s')};\n"
+    dots = "".join(_block_rows_dot(kind, [(i, f"n - {offset}", f"s{r}", _x_block(r, B, NB)) for r in group], NB)
+                   for group in _x_row_groups(B))
+    index = lambda r: "n" if B == 1 else f"{r * total} + n"
+    stores = "".join(f"  {{0}}[{index(r)}] = {extra.store.format(index=index(r), value=f's{r}')};\n" for r in range(B))
     rows += f"for (int n = (tl_lo > {offset} ? tl_lo : {offset}); n < (tl_hi < {offset + N} ? tl_hi : {offset + N}); n++) {{\n" \
-            f"  {_for_each_x_row(B, NB * QBLOCK, total, dot)}}}\n"
+            f"  {dots}{stores}}}\n"
     offset += N
   name = _fused_name(f"matvec{len(layers) if len(layers) > 1 else ''}_{kind}_{offset}_{NB * QBLOCK}", norm, residual)
   return _run(_rows_name(name, B), _block_declarations(kind, len(layers)), rows, B * total,
@@ -430,9 +419,12 @@ def matvec_blocks_swiglu(kind: str, x: Tensor, gate: tuple[Tensor, Tensor], up: 
   RMS-normalized first with norm = (weight, eps))."""
   N, NB = gate[1].shape
   B = _x_rows(x)
-  both = lambda xp, index: f"{_block_rows_dot(kind, [(0, 'n', 'g'), (1, 'n', 'u')], NB, _x_block(B, NB))}" \
-                           f"  {{0}}[{index}] = g / (1.0f + TL_EXPF(-g)) * u;\n"
-  rows = f"for (int n = tl_lo; n < tl_hi; n++) {{\n  {_for_each_x_row(B, NB * QBLOCK, N, both)}}}\n"
+  dots = "".join(_block_rows_dot(kind, [d for r in group for d in ((0, "n", f"g{r}", _x_block(r, B, NB)),
+                                                                      (1, "n", f"u{r}", _x_block(r, B, NB)))], NB)
+                 for group in _x_row_groups(B, 2))
+  index = lambda r: "n" if B == 1 else f"{r * N} + n"
+  stores = "".join(f"  {{0}}[{index(r)}] = g{r} / (1.0f + TL_EXPF(-g{r})) * u{r};\n" for r in range(B))
+  rows = f"for (int n = tl_lo; n < tl_hi; n++) {{\n  {dots}{stores}}}\n"
   return _run(_rows_name(_fused_name(f"swiglu_{kind}_{N}_{NB * QBLOCK}", norm, None), B), _block_declarations(kind, 2),
               rows, B * N, 2 * NB * QBLOCK * BYTES_PER_WEIGHT[kind], x, *gate, *up, n_rows=N,
               prologue=_quantize_x(NB, B), extra=_Extras(6, NB * QBLOCK, norm, None, B))

@@ -24,12 +24,19 @@ def to_numpy(t: Tensor) -> np.ndarray:
 
 def write_in_place(t: Tensor, values: np.ndarray) -> None:
   """Overwrite a realized tensor's buffer with values (same size and dtype), so that a captured graph reading that
-  buffer sees them on its next run: written straight into host memory on the CPU (after a synchronize), copied in
-  elsewhere. Cheaper than an assign, which would be a graph and a kernel of its own every step."""
+  buffer sees them on its next run: written straight into host memory on the CPU, copied in elsewhere. Cheaper
+  than an assign, which would be a graph and a kernel of its own every step. The device must be idle (the previous
+  step's output read back)."""
   from tinygrad.dtype import _to_np_dtype
+  data = np.ascontiguousarray(values, dtype=_to_np_dtype(t.dtype)).reshape(-1)
   buf = t.uop.buffer
-  data = np.ascontiguousarray(values, dtype=_to_np_dtype(t.dtype))
   if data.nbytes != buf.nbytes: raise ValueError(f"{data.nbytes} bytes do not fill a buffer of {buf.nbytes}")
   if isinstance(t.device, str) and t.device.split(":")[0] == "CPU":
-    np.frombuffer(buf.as_memoryview(force_zero_copy=True), dtype=data.dtype)[:] = data.reshape(-1)
-  else: buf.copyin(memoryview(data.reshape(-1)).cast("B"))
+    if (view := _host_views.get(id(buf))) is None or view[0] is not buf:   # the memory of a buffer does not move
+      if len(_host_views) >= 64: _host_views.clear()   # (a few feed buffers per decoder; don't keep old ones alive)
+      view = _host_views[id(buf)] = (buf, np.frombuffer(buf.as_memoryview(force_zero_copy=True), dtype=data.dtype))
+    view[1][:] = data
+  else: buf.copyin(memoryview(data).cast("B"))
+
+
+_host_views: dict[int, tuple] = {}   # id(Buffer) -> (the Buffer, a numpy array over its host memory)
