@@ -176,12 +176,6 @@ class Decoder:
     """Forget what a slot (default: every slot) holds: its next prefill runs every token (a benchmark's, for one)."""
     for s in range(self.slots) if slot is None else [slot]: self.held[s] = []
 
-  def holds(self, ids: Sequence[int], slot: int = 0) -> bool:
-    """Whether `slot` holds the keys and values of exactly these tokens (and perhaps more after them), computed
-    with the model's current weights."""
-    self._fresh()
-    return len(self.held[slot]) >= len(ids) and self.held[slot][:len(ids)] == list(ids)
-
   def reusable(self, ids: Sequence[int], slot: int) -> int:
     """How many leading tokens of ids `slot` holds already and a prefill of ids keeps, at most len(ids) - 1."""
     self._fresh()
