@@ -14,7 +14,8 @@ def rope_complex(x, angles):
   return np.stack([z.real, z.imag], -1).reshape(T, h, hd)
 
 
-def forward(w: dict, args, tokens, angles=None, attn_scale=1.0) -> np.ndarray:
+def forward(w: dict, args, tokens, angles=None, attn_scale=1.0, hidden=False) -> np.ndarray:
+  """Logits [T, vocab]; hidden=True: the hidden states after the final norm [T, dim]."""
   w = {k: np.asarray(v, dtype=np.float64) for k, v in w.items()}
   T, H, KV, hd = len(tokens), args.n_heads, args.n_kv_heads, args.dim // args.n_heads
   if angles is None:
@@ -37,4 +38,5 @@ def forward(w: dict, args, tokens, angles=None, attn_scale=1.0) -> np.ndarray:
     a, b = h @ p("feed_forward.w1.weight").T, h @ p("feed_forward.w3.weight").T
     x = x + (a / (1 + np.exp(-a)) * b) @ p("feed_forward.w2.weight").T
   x = rmsnorm(x, w["norm.weight"], args.norm_eps)
+  if hidden: return x
   return x @ w.get("output.weight", w["tok_embeddings.weight"]).T

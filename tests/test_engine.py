@@ -183,3 +183,22 @@ def test_requests_return_the_errors_of_bad_input_at_once(llm):
   with pytest.raises(ValueError, match="longer than max_seq_len"):
     llm.engine.submit([1] * (llm.model.max_seq_len + 1), GenerationConfig.of(), Stopping(set(), 5, llm.model.max_seq_len))
   with pytest.raises(ValueError, match="slots must be a positive integer"): Llama.from_pretrained(DEFAULT_MODEL, slots=0)
+
+
+def test_short_and_long_prefills_and_their_first_captured_call_equal_numpy(llm):
+  """Prompts (or their unreused rest) under SHORT_PREFILL tokens are fed as decode steps, longer ones run in a padded
+  graph captured on its first call: the logits after each equal the numpy reference forward pass, and a graph's
+  first (capturing) call equals its replays."""
+  import reference_numpy
+  from tinyllama2.decoder import SHORT_PREFILL
+  weights = {k: v.numpy() for k, v in llm.model.state_dict().items()}
+  ids = llm.tokenizer.encode("Once upon a time there was a little girl named Lily who had a big red ball")
+  assert len(ids) > SHORT_PREFILL + 4
+  want = reference_numpy.forward(weights, llm.args, ids)
+  with llm.engine.exclusive_slot() as (decoder, slot):
+    decoder.forget(slot)
+    for n in (SHORT_PREFILL - 1, SHORT_PREFILL, SHORT_PREFILL + 3, SHORT_PREFILL + 3):   # the last: a replay
+      decoder.forget(slot)
+      np.testing.assert_allclose(decoder.prefill(ids[:n], slot=slot), want[n - 1], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(decoder.prefill(ids, slot=slot), want[-1], atol=1e-4, rtol=1e-4)   # a reused prefix
+    assert decoder.held[slot] == ids

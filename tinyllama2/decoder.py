@@ -25,7 +25,10 @@ from tinygrad import Context, Tensor, TinyJit, Variable, dtypes
 from .model import KVCache, Transformer
 from .ops import cpu, fused_decode
 from .runtime.readback import to_numpy, write_in_place
-from .runtime.replay import Replay
+from .runtime.replay import Replay, capture_at_first_call
+
+
+SHORT_PREFILL = 8   # prompts (or their unreused rest) shorter than this are fed as decode steps
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Decoder:
     self._batch_jit = TinyJit(lambda toks, pos, bias: model.decode_batch(toks, pos, bias, self._row_caches).realize())
     self._reorder_jit = TinyJit(self._reorder)
     self._prefill_jits: dict[tuple[int, int], TinyJit] = {}
+    self._hidden_jits: dict[int, TinyJit] = {}   # cache-free forward passes, by padded length
 
   # ---- caches and compiled graphs ----------------------------------------------------------------
   def slot_caches(self) -> list[KVCache]:
@@ -100,6 +104,7 @@ class Decoder:
     self._batch_jit.reset()
     self._reorder_jit.reset()
     self._prefill_jits.clear()
+    self._hidden_jits.clear()
     self._version = self.model.version
     self.held = [[] for _ in range(self.slots)]   # keys and values of older weights
     self._reusable = [True] * self.slots
@@ -156,7 +161,7 @@ class Decoder:
     if (slot, length) not in self._prefill_jits:
       caches = self._slot_view(slot)
       prefill = lambda toks, pos, last: self.model.prefill_last(toks, pos, last, caches).realize()
-      self._prefill_jits[(slot, length)] = TinyJit(prefill)
+      self._prefill_jits[(slot, length)] = capture_at_first_call(TinyJit(prefill))
     return self._prefill_jits[(slot, length)]
 
   def _reorder(self, rows: Tensor) -> None:
@@ -208,7 +213,9 @@ class Decoder:
 
   def _prefill_compiled(self, ids: list[int], begin: int, slot: int) -> np.ndarray:
     """ids[begin:] at positions begin.., in chunks padded to a power of two that run as captured graphs. Padding is
-    harmless: padded positions come after every real token (the causal mask hides them) and are not held."""
+    harmless: padded positions come after every real token (the causal mask hides them) and are not held. Fewer
+    than SHORT_PREFILL tokens run as decode steps instead: capturing a graph for them would take seconds."""
+    if len(ids) - begin < SHORT_PREFILL: return self._prefill_by_steps(ids, begin, slot)
     logits = None
     for start in range(begin, len(ids), self.prefill_chunk):
       piece = ids[start:start + self.prefill_chunk]
@@ -218,6 +225,19 @@ class Decoder:
       logits = self._prefill_jit(slot, length)(toks, self.pos_var.bind(start), self.last_var.bind(len(piece) - 1))
     self.held[slot], self.prefilled = ids, self.prefilled + len(ids) - begin
     return to_numpy(logits)[0]
+
+  def hidden_states(self, ids: Sequence[int]) -> np.ndarray:
+    """The final-norm hidden states [len(ids), dim] float32 of a cache-free forward pass from position 0, padded to
+    a power of two so that one captured graph serves every length up to it (attention is causal: padding after
+    the tokens changes nothing before them)."""
+    self._fresh()
+    self.check_length(len(ids))
+    size = min(1 << (len(ids) - 1).bit_length(), self.model.max_seq_len)
+    if size not in self._hidden_jits:
+      forward = lambda toks: self.model.forward_hidden(self.model.embed(toks), 0, None).float().realize()
+      self._hidden_jits[size] = capture_at_first_call(TinyJit(forward))
+    toks = Tensor([[int(i) for i in ids] + [0] * (size - len(ids))], dtype="int32", device=self.model.device)
+    return to_numpy(self._hidden_jits[size](toks))[0, :len(ids)]
 
   def _check_feed(self, token: int, pos: int, slot: int) -> None:
     self.check_length(pos + 1)
@@ -234,10 +254,22 @@ class Decoder:
     """Feed `token` at position `pos` of `slot` (after the pos tokens it holds); logits for the next position [vocab]."""
     return self.step_slots([(slot, token, pos)])[0]
 
+  def _prefill_by_steps(self, ids: list[int], begin: int, slot: int) -> np.ndarray:
+    self.held[slot] = ids[:begin]
+    for pos in range(begin, len(ids)): logits, _ = self._steps([(slot, ids[pos], pos)])
+    self.prefilled += len(ids) - begin
+    return logits[0]
+
   def step_slots(self, feeds: Sequence[tuple[int, int, int]]) -> np.ndarray:
     """Feed (slot, token, pos) for each of a few slots at once (each as `step` would); logits [len(feeds), vocab].
     One compiled step for all of them where the kernels have a batched step (each row computed exactly as alone;
     one graph per batch size serves every slot), else the one-slot step of each in turn."""
+    logits, steps = self._steps(feeds)
+    self.decode_steps += steps
+    return logits
+
+  def _steps(self, feeds: Sequence[tuple[int, int, int]]) -> tuple[np.ndarray, int]:
+    """step_slots' work; also the compiled steps it took."""
     self._fresh()
     if len({slot for slot, _, _ in feeds}) != len(feeds): raise ValueError("step_slots feeds each slot at most once")
     for slot, token, pos in feeds: self._check_feed(token, pos, slot)
@@ -246,8 +278,7 @@ class Decoder:
       if (compiled := self._rows_step(size)) is not None: logits = self._run_rows(compiled, feeds)
       else: logits = np.stack([to_numpy(self.decode_logits(int(t), pos, slot))[0] for slot, t, pos in feeds])
     for slot, token, pos in feeds: self._fed(token, pos, slot)
-    self.decode_steps += 1 if compiled is not None else len(feeds)
-    return logits
+    return logits, 1 if compiled is not None else len(feeds)
 
   def _run_rows(self, compiled: _RowsStep, feeds: Sequence[tuple[int, int, int]]) -> np.ndarray:
     write_in_place(compiled.feed, self._feed_rows(feeds, compiled.feed.shape[1]))

@@ -18,12 +18,12 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .decoder import Decoder
-from .generate import Continuation, GenerationConfig, Stopping, TokenStep
+from .generate import Constraint, Continuation, GenerationConfig, Stopping, TokenStep
 from .model import Transformer
 from .runtime.threads import share_compile_cache
 
@@ -40,10 +40,14 @@ def default_slots(model: Transformer, at_most: int = 4) -> int:
 
 class Request:
   """One generation submitted to an Engine. Iterating it yields its TokenSteps as they are made (blocking until the
-  next is ready; an error in the engine is raised here); the last one carries the finish reason."""
+  next is ready; an error in the engine is raised here); the last one carries the finish reason. With `on_step`,
+  each step (or error) is handed to that function instead, on the engine's thread (an asyncio server passes
+  one that hands it to its event loop)."""
 
-  def __init__(self, engine: Engine, continuation: Continuation):
+  def __init__(self, engine: Engine, continuation: Continuation,
+               on_step: Callable[[TokenStep | BaseException], None] | None = None):
     self.engine, self.continuation = engine, continuation
+    self._deliver = on_step
     self.slot: int | None = None
     self.prefilled = False   # the whole prompt is in the slot: the request is decoding
     self.cancelled = False
@@ -74,7 +78,7 @@ class Request:
 
   def _emit(self, step: TokenStep | BaseException) -> None:
     self.made_at.append(time.perf_counter())
-    self._steps.put(step)
+    (self._deliver or self._steps.put)(step)
 
 
 class Engine:
@@ -93,13 +97,20 @@ class Engine:
   @property
   def slots(self) -> int: return self.decoder.slots
 
+  def occupancy(self) -> tuple[int, int]:
+    """(requests holding a slot, requests waiting for one)."""
+    with self._cv: return sum(not r.cancelled for r in self._running), len(self._waiting)
+
   # ---- requests -----------------------------------------------------------------------------------
   def submit(self, prompt: Sequence[int], cfg: GenerationConfig, stopping: Stopping,
-             rng: np.random.Generator | None = None, row: int = 0) -> Request:
-    """Queue a generation of `prompt` (token ids); iterate the returned Request for its steps."""
+             rng: np.random.Generator | None = None, row: int = 0,
+             on_step: Callable[[TokenStep | BaseException], None] | None = None,
+             constraint: Constraint | None = None) -> Request:
+    """Queue a generation of `prompt` (token ids); iterate the returned Request for its steps (or get them
+    through `on_step`)."""
     if not len(prompt): raise ValueError("the prompt is empty: at least one token (e.g. BOS) is needed")
     self.decoder.check_length(len(prompt))
-    request = Request(self, Continuation(row, list(prompt), cfg, stopping, rng))
+    request = Request(self, Continuation(row, list(prompt), cfg, stopping, rng, constraint), on_step)
     if cfg.max_new_tokens == 0:
       request._emit(request.continuation.nothing_to_generate())
       return request
@@ -194,7 +205,12 @@ class Engine:
     self._chosen(r, logits, from_decode=False)
 
   def _chosen(self, r: Request, logits: np.ndarray, from_decode: bool) -> None:
-    step = r.continuation.choose(logits, from_decode)
+    """r's next token from its logits; an error in choosing it (its own constraint or settings) ends r alone."""
+    try: step = r.continuation.choose(logits, from_decode)
+    except Exception as e:   # noqa: BLE001  (delivered to the request's reader)
+      if not r.cancelled: r._emit(e)
+      with self._cv: r.cancelled = True
+      return
     if not r.cancelled: r._emit(step)
     if step.finish_reason is not None:
       with self._cv: r.cancelled = True   # done: the slot frees at the next admission

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -135,14 +135,22 @@ class Stopping:
     return None
 
 
+class Constraint(Protocol):
+  """What a sequence's output must match (a grammar): which tokens may come next, and the one that did."""
+  def mask(self, logits: np.ndarray) -> np.ndarray: ...   # logits with every token that cannot continue at -inf
+  def advance(self, token: int) -> None: ...
+  def done(self) -> bool: ...   # the output is complete: nothing but eos may follow
+
+
 class Continuation:
   """One sequence being generated: what it has produced so far, how it chooses its next token (the processors and
   sampler of sampling.py with its own random stream) and when it ends. The engine keeps one per request; each
   `choose` turns the logits after the sequence into a `TokenStep`."""
 
   def __init__(self, row: int, prompt: list[int], cfg: GenerationConfig, stopping: Stopping,
-               rng: np.random.Generator | None = None):
+               rng: np.random.Generator | None = None, constraint: Constraint | None = None):
     self.row, self.prompt, self.cfg, self.stopping = row, list(prompt), cfg, stopping
+    self.constraint = constraint
     self.rng = rng or np.random.Generator(np.random.PCG64(cfg.seed))
     self.new: list[int] = []
     self.timer, self.decoded, self.finish_reason = Timer(len(prompt)), 0, None
@@ -153,14 +161,18 @@ class Continuation:
 
   def choose(self, logits: np.ndarray, from_decode: bool) -> TokenStep:
     """The next token from the logits after the sequence (from_decode: a decode step's, not the prefill's)."""
-    token = choose(process(logits, self.cfg, self.prompt + self.new, len(self.new), self._eos), self.cfg, self.rng)
+    allowed = logits if self.constraint is None else self.constraint.mask(logits)
+    token = choose(process(allowed, self.cfg, self.prompt + self.new, len(self.new), self._eos), self.cfg, self.rng)
     self.timer.token_chosen()
     self.decoded += from_decode
     if token in self.stopping.eos_ids:
       self.finish_reason = "stop"
       return TokenStep(self.row, None, "stop", **self.timer.rates(self.decoded), logits=logits)
     self.new.append(token)
+    if self.constraint is not None: self.constraint.advance(token)
     self.finish_reason = self.stopping.reason(self.prompt, self.new)
+    if self.finish_reason is None and self.constraint is not None and self.constraint.done(): self.finish_reason = "stop"
+
     return TokenStep(self.row, token, self.finish_reason, **self.timer.rates(self.decoded), logits=logits)
 
   def nothing_to_generate(self) -> TokenStep:
@@ -205,21 +217,23 @@ def decode_continuation(tokenizer: Tokenizer | None, prompt: Sequence[int], new:
   return full[len(head):] if full.startswith(head) else tokenizer.decode(list(new))
 
 
-class TextStream:
-  """Iterates the generated text of one sequence in pieces; `.generation` holds the result once iteration is done.
+class TextPieces:
+  """The text of one sequence as its steps arrive: `add(step)` returns the piece that became final with it.
 
   Text is decoded from the whole new-token list each step (with the last prompt token as context, so
   SentencePiece's leading space survives), and a piece is released only when it is complete UTF-8 and can no
-  longer turn into a stop string, so the pieces always concatenate to the final text. Breaking out of the
-  iteration closes the token steps.
+  longer turn into a stop string, so the pieces always concatenate to the final text.
   """
 
-  def __init__(self, steps: Iterator[TokenStep], prompt: list[int], tokenizer: Tokenizer | None, stop: list[str]):
-    self._steps, self.prompt, self.tokenizer, self.stop = steps, prompt, tokenizer, stop
+  def __init__(self, prompt: list[int], tokenizer: Tokenizer | None, stop: Sequence[str]):
+    self.prompt, self.tokenizer, self.stop = prompt, tokenizer, list(stop)
     self.new: list[int] = []
-    self.text, self.generation = "", None
+    self.emitted, self.last = 0, None
 
-  def _decode(self) -> str: return decode_continuation(self.tokenizer, self.prompt, self.new)
+  def text(self) -> str:
+    """The text so far, cut before a stop string."""
+    text = decode_continuation(self.tokenizer, self.prompt, self.new)
+    return text[:cut] if (cut := stop_index(text, self.stop)) >= 0 else text
 
   def _held_back(self, text: str) -> int:
     """Characters at the end of text that might be the start of a stop string or of a multi-byte character."""
@@ -229,25 +243,43 @@ class TextStream:
         if text.endswith(s[:n]): hold = max(hold, n); break
     return hold
 
-  def __iter__(self) -> Iterator[str]:
-    emitted, last = 0, None
-    try:
-      for last in self._steps:
-        if last.token is not None: self.new.append(last.token)
-        text = self._decode()
-        if (cut := stop_index(text, self.stop)) >= 0: text = text[:cut]
-        ready = len(text) if last.finish_reason else len(text) - self._held_back(text)
-        if not last.finish_reason:   # hold back an incomplete UTF-8 sequence
-          while ready > emitted and text[ready - 1] == "\ufffd": ready -= 1
-        if ready > emitted:
-          yield text[emitted:ready]
-          emitted = ready
-        if last.finish_reason: break
-    finally:
-      if close := getattr(self._steps, "close", None): close()
-    self.text = text = self._decode()
-    if (cut := stop_index(text, self.stop)) >= 0: self.text = text[:cut]
+  def add(self, step: TokenStep) -> str:
+    self.last = step
+    if step.token is not None: self.new.append(step.token)
+    text = self.text()
+    ready = len(text) if step.finish_reason else len(text) - self._held_back(text)
+    if not step.finish_reason:   # hold back an incomplete UTF-8 sequence
+      while ready > self.emitted and text[ready - 1] == "\ufffd": ready -= 1
+    piece = text[self.emitted:ready] if ready > self.emitted else ""
+    self.emitted = max(self.emitted, ready)
+    return piece
+
+  def generation(self) -> Generation:
+    last = self.last
     timings = {k: getattr(last, k) for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")} \
       if last else {}
-    self.generation = Generation(text=self.text, tokens=list(self.new), prompt_tokens=list(self.prompt),
-                                 finish_reason=(last.finish_reason if last else None) or "length", **timings)
+    return Generation(text=self.text(), tokens=list(self.new), prompt_tokens=list(self.prompt),
+                      finish_reason=(last.finish_reason if last else None) or "length", **timings)
+
+
+class TextStream:
+  """Iterates the generated text of one sequence in pieces (see TextPieces); `.generation` holds the result once
+  iteration is done. Breaking out of the iteration closes the token steps."""
+
+  def __init__(self, steps: Iterator[TokenStep], prompt: list[int], tokenizer: Tokenizer | None, stop: list[str]):
+    self._steps, self.prompt = steps, prompt
+    self._pieces = TextPieces(prompt, tokenizer, stop)
+    self.text, self.generation = "", None
+
+  @property
+  def new(self) -> list[int]: return self._pieces.new
+
+  def __iter__(self) -> Iterator[str]:
+    try:
+      for step in self._steps:
+        if piece := self._pieces.add(step): yield piece
+        if step.finish_reason: break
+    finally:
+      if close := getattr(self._steps, "close", None): close()
+    self.generation = self._pieces.generation()
+    self.text = self.generation.text

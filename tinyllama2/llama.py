@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from tinygrad import dtypes
@@ -12,8 +12,9 @@ from .beam import beam_generations
 from .checkpoint import load_checkpoint
 from .config import ModelArgs, warn_if_beyond_trained
 from .devices import resolve_device
-from .engine import Engine, generate_steps
-from .generate import Generation, GenerationConfig, Stopping, TextStream, eos_id_set, generations
+from .engine import Engine, Request, generate_steps
+from .generate import (Constraint, Generation, GenerationConfig, Stopping, TextStream, TokenStep, eos_id_set,
+                       generations)
 from .model import Transformer
 from .rope import RopeScaling
 from .tokenizer import ChatTemplate, Llama2ChatTemplate, Tokenizer
@@ -158,6 +159,24 @@ class Llama:
     out = generations(generate_steps(self.engine, [ids] * n, cfg, self._stopping(cfg), sequence_rngs(cfg.seed, n)),
                       [ids] * n, self._tokenizer, cfg.stop)
     return out[0] if n == 1 else out
+
+  def submit(self, ids: Sequence[int], cfg: GenerationConfig, rng: np.random.Generator | None = None,
+             on_step: Callable[[TokenStep | BaseException], None] | None = None,
+             constraint: Constraint | None = None) -> Request:
+    """One sequence's generation queued on the engine, for callers that handle the steps themselves (the server):
+    iterate the Request for its TokenSteps, or get them through `on_step`; `cancel()` frees its slot."""
+    return self.engine.submit(self._prompt_ids(ids), cfg, self._stopping(cfg), rng, on_step=on_step,
+                              constraint=constraint)
+
+  def embed(self, inputs: Sequence[str | Sequence[int]]) -> np.ndarray:
+    """Sentence embeddings [len(inputs), dim] float32: the final-norm hidden states of each input (text or ids)
+    averaged over its tokens and L2-normalised."""
+    out = np.zeros((len(inputs), self.args.dim), dtype=np.float32)
+    for i, x in enumerate(inputs):
+      ids = self._prompt_ids(x)
+      if not ids: raise ValueError(f"input {i} is empty")
+      with self.engine.exclusive() as decoder: out[i] = decoder.hidden_states(ids).mean(0)   # between decode steps
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
   def _stopping(self, cfg: GenerationConfig) -> Stopping:
     eos = self.eos_ids if cfg.eos_token_id is None else eos_id_set(cfg.eos_token_id)

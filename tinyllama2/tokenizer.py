@@ -1,6 +1,8 @@
 """SentencePiece tokenizer wrapper and chat templates (Llama-2 `[INST]` format and plain completion)."""
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -50,6 +52,19 @@ class Tokenizer:
   def decode(self, ids: Sequence[int]) -> str: return self.sp.DecodeIds([self._known(int(i)) for i in ids])
 
   def id_to_piece(self, i: int) -> str: return self.sp.IdToPiece(self._known(int(i)))
+
+  def piece_bytes(self, i: int) -> bytes:
+    """The bytes token i stands for: a byte-fallback piece `<0xHH>` that byte, '▁' a space."""
+    return piece_bytes(self.id_to_piece(i))
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def piece_bytes(piece: str) -> bytes:
+  """A SentencePiece piece as the bytes it stands for (byte-fallback pieces `<0xHH>` their byte, '▁' a space)."""
+  if m := _BYTE_PIECE.fullmatch(piece): return bytes([int(m.group(1), 16)])
+  return piece.replace("\u2581", " ").encode("utf-8")
 
 
 def check_utf8(text: str, what: str = "the text") -> None:

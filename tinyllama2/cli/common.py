@@ -92,7 +92,8 @@ def load_model(a: argparse.Namespace):
   if getattr(a, "threads", None) is not None: cpu_threads.set_threads(a.threads)
   llm = Llama.from_pretrained(a.model, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
                               max_seq_len=a.max_seq_len, rope_scaling=parse_rope_scaling(a.rope_scaling),
-                              quantize=getattr(a, "quantize", None), adapter=getattr(a, "adapter", None))
+                              quantize=getattr(a, "quantize", None), adapter=getattr(a, "adapter", None),
+                              slots=getattr(a, "slots", None))
   llm.decoder.beam = getattr(a, "beam", 0)
   return llm
 

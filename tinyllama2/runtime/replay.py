@@ -58,3 +58,11 @@ class Replay:
       global_size, local_size = info.launch_dims(var_vals)
       runtime(*bufs, global_size=global_size, local_size=local_size, vals=info.vals(var_vals))
     return self.ret
+
+
+def capture_at_first_call(jit):
+  """`jit` (a new TinyJit) set to capture its graph on its first call instead of its second: tinygrad 0.14 runs a
+  TinyJit's first call uncaptured (`cnt == 0`), which schedules the whole graph once more — seconds for a prefill
+  graph on a small CPU — although our graphs read only buffers that are already realized. Uses `TinyJit.cnt`."""
+  jit.cnt = 1
+  return jit
