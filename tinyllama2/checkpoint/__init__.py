@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelArgs
-from . import gguf, hf, llama2c, meta
+from . import gguf, hf, hub, llama2c, meta
 
 
 @dataclass
@@ -36,7 +36,8 @@ def detect_format(path: Path) -> str:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-  path = Path(path).expanduser()
+  """A checkpoint from a path, or from a Hugging Face repo id ("ORG/NAME") in the local Hugging Face cache."""
+  path = hub.resolve(path)
   fmt = detect_format(path)
   proto = None
   if fmt == "hf": args, weights = hf.load(path)

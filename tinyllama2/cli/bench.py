@@ -101,10 +101,13 @@ def _check_models_and_devices(models: list[str], devices: list[str | None]) -> N
   """Before the bandwidth is measured and the first row runs: each model exists, each device works here."""
   from pathlib import Path
 
+  from ..checkpoint import hub
   from ..config import PRESETS
   from ..devices import resolve_device
   for m in models:
-    if m not in PRESETS and not Path(m).expanduser().exists():
+    if m in PRESETS: continue
+    if hub.is_repo_id(m) and not Path(m).expanduser().exists(): hub.resolve(m)   # cached (or downloadable), else one line
+    elif not Path(m).expanduser().exists():
       raise FileNotFoundError(f"--model {m}: no such file or folder, and not a shape ({', '.join(SHAPES)})")
   for d in devices:
     if _runs_here(d): resolve_device(d)
