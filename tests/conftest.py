@@ -59,3 +59,21 @@ def decode_steps_fused_and_layer_by_layer(args, dtype, mode: str | None, device:
     caches = [c.k.float().numpy() for c in dec.slot_caches()] + [c.v.float().numpy() for c in dec.slot_caches()]
     return np.concatenate(logits), caches, _kernels_per_decode_step(dec, 13, 7)
   return run(True), run(False)
+
+
+@pytest.fixture(scope="session")
+def bundled_server():
+  """`tinyllama2 serve` on the bundled model (4 slots), shared by the server tests of a session."""
+  from serving import Server
+  server = Server("--slots", "4", "--model-alias", "bundled")
+  yield server
+  assert server.stop() == 0, "".join(server.stderr)
+
+
+@pytest.fixture(scope="session")
+def stories_server():
+  need(STORIES, TOK512)
+  from serving import Server
+  server = Server("--model", str(STORIES), "--tokenizer", str(TOK512), "--slots", "2")
+  yield server
+  assert server.stop() == 0, "".join(server.stderr)

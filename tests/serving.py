@@ -1,0 +1,56 @@
+"""A real `tinyllama2 serve` process on a free localhost port, for the server's tests."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def need_serve_extra() -> None:
+  for module in ("starlette", "uvicorn", "sse_starlette", "prometheus_client", "httpx"):
+    pytest.importorskip(module, reason=f"the serve extra is not installed ({module}): pip install -e '.[serve,dev]'")
+
+
+class Server:
+  """`tinyllama2 serve ARGS --port 0` in a subprocess: `url` once /health says the model is ready."""
+
+  def __init__(self, *args: str, ready: bool = True, timeout: float = 180.0):
+    need_serve_extra()
+    import httpx
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    self.proc = subprocess.Popen([sys.executable, "-m", "tinyllama2.cli", "serve", "--port", "0", *args], cwd=REPO,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    self.stderr: list[str] = []
+    threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+    line = self.proc.stdout.readline()
+    m = re.search(r"http://([\d.]+):(\d+)", line)
+    if not m:
+      self.proc.kill()
+      raise RuntimeError(f"the server did not start: {line!r} {''.join(self.stderr)}")
+    self.url = f"http://{m.group(1)}:{m.group(2)}"
+    deadline = time.time() + timeout
+    while ready and time.time() < deadline:
+      if self.proc.poll() is not None: raise RuntimeError(f"the server exited: {''.join(self.stderr)}")
+      try:
+        if httpx.get(self.url + "/health", timeout=5).status_code == 200: break
+      except httpx.HTTPError: pass
+      time.sleep(0.2)
+    else:
+      if ready: raise RuntimeError("the server did not become ready")
+
+  def stop(self, timeout: float = 30.0) -> int:
+    """SIGTERM, then the exit code."""
+    if self.proc.poll() is None: self.proc.send_signal(signal.SIGTERM)
+    try: return self.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      raise
