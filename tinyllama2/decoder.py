@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from tinygrad import Context, Tensor, TinyJit, Variable, dtypes
+from tinygrad import Context, Tensor, TinyJit, UOp, Variable, dtypes
 
 from .model import KVCache, Transformer
 from .ops import cpu, fused_decode
@@ -61,6 +61,7 @@ class Decoder:
     self.pos_var = Variable("start_pos", 0, model.max_seq_len - 1)
     self.tok_var = Variable("token", 0, model.args.vocab_size - 1)
     self.last_var = Variable("last", 0, model.max_seq_len - 1)
+    self.slot_var = Variable("slot", 0, slots - 1)   # the cache row a prefill graph writes: one graph for every slot
     self._caches: list[KVCache] | None = None       # a row per slot
     self._row_caches: list[KVCache] | None = None   # beam search's rows (one prompt, several continuations)
     self.held: list[list[int]] = [[] for _ in range(slots)]   # tokens whose keys and values each slot holds
@@ -75,7 +76,7 @@ class Decoder:
     self._rows_steps: dict[int, _RowsStep | None] = {}   # by batch size; None: no batched kernels here
     self._batch_jit = TinyJit(lambda toks, pos, bias: model.decode_batch(toks, pos, bias, self._row_caches).realize())
     self._reorder_jit = TinyJit(self._reorder)
-    self._prefill_jits: dict[tuple[int, int], TinyJit] = {}
+    self._prefill_jits: dict[int, TinyJit] = {}      # by padded chunk length
     self._hidden_jits: dict[int, TinyJit] = {}   # cache-free forward passes, by padded length
 
   # ---- caches and compiled graphs ----------------------------------------------------------------
@@ -157,12 +158,12 @@ class Decoder:
       self._rows_steps[size] = None if plan is None or graph() is None else _RowsStep(feed, TinyJit(lambda: graph().realize()))
     return self._rows_steps[size]
 
-  def _prefill_jit(self, slot: int, length: int) -> TinyJit:
-    if (slot, length) not in self._prefill_jits:
-      caches = self._slot_view(slot)
-      prefill = lambda toks, pos, last: self.model.prefill_last(toks, pos, last, caches).realize()
-      self._prefill_jits[(slot, length)] = capture_at_first_call(TinyJit(prefill))
-    return self._prefill_jits[(slot, length)]
+  def _prefill_jit(self, length: int) -> TinyJit:
+    if length not in self._prefill_jits:
+      def prefill(toks: Tensor, pos: UOp, last: UOp, slot: UOp) -> Tensor:
+        return self.model.prefill_last(toks, pos, last, [c.row(slot) for c in self.slot_caches()]).realize()
+      self._prefill_jits[length] = capture_at_first_call(TinyJit(prefill))
+    return self._prefill_jits[length]
 
   def _reorder(self, rows: Tensor) -> None:
     """Row b of every beam cache becomes old row rows[b] (beam search keeps the surviving beams' histories)."""
@@ -222,7 +223,8 @@ class Decoder:
       length = min(self.prefill_chunk, 1 << (len(piece) - 1).bit_length())
       if start + length > self.model.max_seq_len: length = len(piece)
       toks = Tensor([piece + [0] * (length - len(piece))], dtype="int32", device=self.model.device)
-      logits = self._prefill_jit(slot, length)(toks, self.pos_var.bind(start), self.last_var.bind(len(piece) - 1))
+      logits = self._prefill_jit(length)(toks, self.pos_var.bind(start), self.last_var.bind(len(piece) - 1),
+                                         self.slot_var.bind(slot))
     self.held[slot], self.prefilled = ids, self.prefilled + len(ids) - begin
     return to_numpy(logits)[0]
 

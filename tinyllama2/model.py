@@ -63,8 +63,8 @@ class KVCache:
     self.v = Tensor.zeros(batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype, device=device).contiguous().realize()
     self.first = 0
 
-  def row(self, first: int) -> KVCache:
-    """The same buffers, used from row `first` on."""
+  def row(self, first: int | UOp) -> KVCache:
+    """The same buffers, used from row `first` on (a bound Variable: one graph for every row)."""
     view = KVCache.__new__(KVCache)
     view.k, view.v, view.first = self.k, self.v, first
     return view

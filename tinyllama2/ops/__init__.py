@@ -95,7 +95,7 @@ def gate_up_swiglu(x: Tensor, gate, up) -> Tensor:
 
 
 def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp, key_bias: Tensor | None,
-              first_row: int = 0) -> Tensor | None:
+              first_row: int | UOp = 0) -> Tensor | None:
   """Causal attention of q [B, T, H, D] (RoPE applied, its keys and values already in cache rows first_row..) over
   the first start_pos + T cache positions, in one kernel module's kernels, in q's dtype; None where tinygrad's graph
   computes it (the model's own formula)."""

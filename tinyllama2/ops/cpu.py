@@ -565,7 +565,7 @@ def _dot(D: int, a: str, b: str, b_load8: str) -> str:
 
 
 def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp, key_bias: Tensor | None = None,
-              first_row: int = 0) -> Tensor:
+              first_row: int | UOp = 0) -> Tensor:
   """Causal attention of q [B, T, H, D] (positions start_pos..start_pos+T-1) over cache rows first_row.. of the
   cache [rows, KV, max_seq_len, D], whose first start_pos + T positions are filled; key_bias [B, max_seq_len] is
   added to the scores of each key.
@@ -580,16 +580,17 @@ def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
   if key_bias is not None:
     decl += f"const float* restrict tl_bias = (const float*){{{len(inputs) + 1}}};\n"
     inputs.append(key_bias.reshape(-1).float())
-  if isinstance(start_pos, UOp):   # a bound Variable: its value reaches the C through a one-int buffer
-    decl += f"const int tl_pos = *(const int*){{{len(inputs) + 1}}};\n"
-    inputs.append(Tensor.full((1,), start_pos, dtype=dtypes.int32, device=q.device).contiguous())
-  else: decl += f"const int tl_pos = {int(start_pos)};\n"
+  for name, value in (("tl_pos", start_pos), ("tl_row", first_row)):
+    if isinstance(value, UOp):   # a bound Variable: its value reaches the C through a one-int buffer
+      decl += f"const int {name} = *(const int*){{{len(inputs) + 1}}};\n"
+      inputs.append(Tensor.full((1,), value, dtype=dtypes.int32, device=q.device).contiguous())
+    else: decl += f"const int {name} = {int(value)};\n"
   bias = f" + tl_bias[(long)b * {max_len} + s]" if key_bias is not None else ""
   rows = f"""for (int r = tl_lo; r < tl_hi; r++) {{
   int h = r % {H}, t = (r / {H}) % {T}, b = r / ({H} * {T});
   int n_keys = tl_pos + t + 1;
   const float* q = tl_q + (long)r * {D};
-  long head = ((long)(b + {first_row}) * {KV} + h / {H // KV}) * {max_len} * {D};
+  long head = ((long)(b + tl_row) * {KV} + h / {H // KV}) * {max_len} * {D};
   float scores[n_keys];
   float top = -__builtin_inff();
   for (int s = 0; s < n_keys; s++) {{
@@ -611,7 +612,8 @@ def attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
   for (int d = 0; d < {D}; d++) o[d] = total > 0 ? acc[d] / total : 0.0f;
 }}
 """
-  name = f"attention_{_kind(cache_k)}_{B}_{T}_{H}_{KV}_{D}" + (f"_row{first_row}" if first_row else "")
+  row = "_rowvar" if isinstance(first_row, UOp) else f"_row{first_row}" if first_row else ""
+  name = f"attention_{_kind(cache_k)}_{B}_{T}_{H}_{KV}_{D}{row}"
   out = _launch(name, decl, rows, B * T * H * D, inputs, B * T * H, 1)
   return out.reshape(B, T, H, D)
 
@@ -784,6 +786,6 @@ def project_rows_swiglu(x: Tensor, gate, up) -> Tensor | None:
 
 
 def cached_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
-                     key_bias: Tensor | None, first_row: int = 0) -> Tensor | None:
+                     key_bias: Tensor | None, first_row: int | UOp = 0) -> Tensor | None:
   """Causal attention of q [B, T, H, D] over cache rows first_row.. of the KV cache (`attention`), in q's dtype."""
   return attention(q, cache_k, cache_v, start_pos, key_bias, first_row).cast(q.dtype)

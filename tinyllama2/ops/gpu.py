@@ -454,10 +454,12 @@ def project_rows_swiglu(x: Tensor, gate, up) -> None:
 
 
 def cached_attention(q: Tensor, cache_k: Tensor, cache_v: Tensor, start_pos: int | UOp,
-                     key_bias: Tensor | None, first_row: int = 0) -> Tensor | None:
-  """One token of one sequence without a padding bias (`attention`); None for anything else."""
+                     key_bias: Tensor | None, first_row: int | UOp = 0) -> Tensor | None:
+  """One token of one sequence without a padding bias, in a cache row fixed in the graph (`attention`); None for
+  anything else."""
   B, T, _, D = q.shape
-  if B != 1 or T != 1 or key_bias is not None or not all(isinstance(s, int) for s in cache_k.shape): return None
+  if B != 1 or T != 1 or key_bias is not None or not isinstance(first_row, int) or \
+     not all(isinstance(s, int) for s in cache_k.shape): return None
   return attention(q, cache_k, cache_v, start_pos, first_row)
 
 
