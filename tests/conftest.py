@@ -6,6 +6,15 @@ import numpy as np
 import pytest
 
 import tinyllama2  # noqa: F401  (first: it picks tinygrad's CPU runtime before tinygrad is imported)
+from tinygrad import Device  # noqa: E402
+from tinyllama2.devices import USER_DEV  # noqa: E402
+
+# tinygrad writes the default device it picks (e.g. CL, where PoCL is installed) into DEV for its child processes;
+# the commands our tests run as subprocesses must see the user's DEV (else run on the CPU, as a user's would), so it
+# is picked now, once, and DEV put back
+Device.DEFAULT
+if USER_DEV is None: os.environ.pop("DEV", None)
+else: os.environ["DEV"] = USER_DEV
 
 SHARED = Path(os.environ.get("TINYLLAMA2_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 STORIES = SHARED / "models" / "stories260K.bin"

@@ -26,7 +26,10 @@ class Server:
   def __init__(self, *args: str, ready: bool = True, timeout: float = 180.0):
     need_serve_extra()
     import httpx
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    from tinyllama2.devices import USER_DEV, child_env
+    # the device a user's server gets (their DEV, else the CPU): once tinygrad has picked a default device it
+    # writes it into this process's DEV, which the server would inherit
+    env = dict(child_env(USER_DEV or "CPU"), PYTHONUNBUFFERED="1")
     self.proc = subprocess.Popen([sys.executable, "-m", "tinyllama2.cli", "serve", "--port", "0", *args], cwd=REPO,
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     self.stderr: list[str] = []
