@@ -173,21 +173,27 @@ def test_stories260k(stories_server, stories):
 
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pet"],
-          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0},
-                         "pet": {"enum": ["dog", "cat", "bird"]}}}
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "pet": {"enum": ["dog", "cat", "bird"]}},
+          "x-guidance": {"whitespace_flexible": False}}   # compact: every part bounded, so it always completes
 
 
 def test_json_response_formats(client):
   jsonschema = pytest.importorskip("jsonschema")
   ask = [{"role": "user", "content": "Lily had a dog. Tell me about her as JSON:"}]
-  # a story model writes JSON only because it must; with this penalty its greedy object closes within the context
-  r = client.chat.completions.create(model="bundled", messages=ask, max_tokens=200, temperature=0, frequency_penalty=2,
-                                     response_format={"type": "json_object"})
-  assert isinstance(json.loads(r.choices[0].message.content), dict) and r.choices[0].finish_reason == "stop"
+  # a story model writes JSON only because it must: an object's strings may run to max_tokens, so of sixteen samples
+  # every one that ends ("stop") must parse, every other one stops at max_tokens, and some end (here 5-7 of 16)
+  r = client.chat.completions.create(model="bundled", messages=ask, max_tokens=200, temperature=0.8, seed=0, n=16,
+                                     frequency_penalty=2, presence_penalty=1, response_format={"type": "json_object"})
+  ended = [c.message.content for c in r.choices if c.finish_reason == "stop"]
+  assert ended and all(isinstance(json.loads(text), dict) for text in ended)
+  assert all(c.finish_reason in ("stop", "length") for c in r.choices)
   for seed in (1, 2):
     r = client.chat.completions.create(model="bundled", messages=ask, max_tokens=200, temperature=0.8, seed=seed,
                                        response_format={"type": "json_schema",
                                                         "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+    assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
   with pytest.raises(openai.BadRequestError):   # a schema keyword the grammar library does not implement
     client.chat.completions.create(model="bundled", messages=ask, max_tokens=20, response_format={
