@@ -129,10 +129,10 @@ def test_lora_sft_lowers_held_out_loss_and_keeps_base_frozen(tmp_path):
   # held-out loss of the responses with a zero adapter (= the base model) vs. after training
   for lin in lora.lora_layers(trainer.model).values(): lin.merged = True   # bypass the adapter
   trainer._eval.reset()
-  base_loss = trainer.evaluate()
+  base_loss = trainer.evaluate()["val_loss"]
   for lin in lora.lora_layers(trainer.model).values(): lin.merged = False
   trainer._eval.reset()
-  tuned_loss = trainer.evaluate()
+  tuned_loss = trainer.evaluate()["val_loss"]
   print(f"held-out response loss: base {base_loss:.3f} -> LoRA {tuned_loss:.3f}")
   assert tuned_loss < base_loss - 0.2, (base_loss, tuned_loss)
   after = {k: v.numpy() for k, v in trainer.model.state_dict().items() if "lora_" not in k}

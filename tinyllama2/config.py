@@ -87,7 +87,7 @@ def preset(name: str) -> ModelArgs:
   return dataclasses.replace(PRESETS[name])
 
 
-HF_ARCHITECTURES = {"LlamaForCausalLM"}
+HF_ARCHITECTURES = {"LlamaForCausalLM", "LlamaForSequenceClassification"}   # the second: reward models
 
 
 def _rope_from_hf(cfg: dict) -> tuple[float, dict | None]:

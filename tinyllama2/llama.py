@@ -5,16 +5,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from tinygrad import dtypes
+from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 
 from .beam import beam_generations
 from .checkpoint import load_checkpoint
 from .config import ModelArgs, warn_if_beyond_trained
 from .devices import resolve_device
+from . import reward
 from .engine import Engine, Request, generate_steps
 from .generate import (Constraint, Generation, GenerationConfig, Stopping, TextStream, TokenStep, eos_id_set,
                        generations)
+from .layers import Linear
 from .model import Transformer
 from .rope import RopeScaling
 from .tokenizer import ChatTemplate, Llama2ChatTemplate, Tokenizer
@@ -44,8 +46,9 @@ class Llama:
   engine.default_slots)."""
 
   def __init__(self, model: Transformer, tokenizer: Tokenizer | None, chat_template: ChatTemplate | None = None,
-               slots: int | None = None):
+               slots: int | None = None, score: Linear | None = None):
     self.model, self._tokenizer = model, tokenizer
+    self.score = score   # a reward model's head (then this Llama scores texts and does not generate)
     self.args: ModelArgs = model.args
     self.chat_template = chat_template or Llama2ChatTemplate()
     self.engine = Engine(model, slots)
@@ -86,8 +89,12 @@ class Llama:
     if max_seq_len is not None: warn_if_beyond_trained(args, max_seq_len)
     floats = {k: v for k, v in ckpt.weights.items() if isinstance(v, np.ndarray)}
     stored = floats["tok_embeddings.weight"].dtype if "tok_embeddings.weight" in floats else None
+    score_w = floats.pop(reward.SCORE, None)
+    if score_w is not None:   # a reward model has no LM head: the embedding table stands in (never used)
+      if quantize is not None: raise ValueError("quantize= is for generation; a reward model is loaded unquantized")
+      args = args.replace(tie_embeddings=True)
     model = Transformer(args, max_seq_len=max_seq_len, dtype=resolve_dtype(dtype, stored), device=device)
-    model.load_weights(floats, expected=set(ckpt.weights))
+    model.load_weights(floats, expected=set(ckpt.weights) - {reward.SCORE})
     if len(floats) < len(ckpt.weights):   # quantized blocks from the file go into QuantLinear as they are
       load_prequantized(model, ckpt.weights)
       model.quantization = "mixed" if quantize is None else quantize
@@ -96,7 +103,12 @@ class Llama:
       lora.load_adapter(model, adapter)
       lora.merge(model)
     if quantize is not None: quantize_model(model, quantize)
-    return cls(model, tok, slots=slots)
+    score = None
+    if score_w is not None:
+      if score_w.shape != (1, args.dim):
+        raise ValueError(f"{path}: score.weight has shape {score_w.shape}; a reward model's is [1, {args.dim}] (num_labels 1)")
+      score = Linear(Tensor(np.array(score_w, dtype=np.float32), device=device).contiguous().realize())
+    return cls(model, tok, slots=slots, score=score)
 
   @property
   def tokenizer(self) -> Tokenizer:
@@ -111,8 +123,14 @@ class Llama:
     if self._tokenizer is not None and self._tokenizer.eos_id >= 0: ids.add(self._tokenizer.eos_id)
     return ids
 
+  def _check_language_model(self) -> None:
+    if self.score is not None:
+      raise ValueError("this is a reward model (LlamaForSequenceClassification): it scores texts with reward() and "
+                       "has no language-model head to generate with")
+
   def logits(self, ids: Sequence[int]) -> np.ndarray:
     """[len(ids), vocab] float32 logits of a full forward pass from position 0."""
+    self._check_language_model()
     with self.engine.exclusive_slot() as (decoder, slot):
       return decoder.prefill([int(i) for i in ids], all_logits=True, slot=slot)
 
@@ -140,6 +158,7 @@ class Llama:
 
   def _generate(self, prompt: str | Sequence[int] | list, cfg: GenerationConfig,
                 stream: bool) -> Generation | TextStream | list[Generation]:
+    self._check_language_model()
     if cfg.stop and self._tokenizer is None: raise ValueError("stop strings need a tokenizer")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list, tuple)):
       if stream: raise ValueError("stream=True takes a single prompt")
@@ -165,6 +184,7 @@ class Llama:
              constraint: Constraint | None = None) -> Request:
     """One sequence's generation queued on the engine, for callers that handle the steps themselves (the server):
     iterate the Request for its TokenSteps, or get them through `on_step`; `cancel()` frees its slot."""
+    self._check_language_model()
     return self.engine.submit(self._prompt_ids(ids), cfg, self._stopping(cfg), rng, on_step=on_step,
                               constraint=constraint)
 
@@ -177,6 +197,36 @@ class Llama:
       if not ids: raise ValueError(f"input {i} is empty")
       with self.engine.exclusive() as decoder: out[i] = decoder.hidden_states(ids).mean(0)   # between decode steps
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+  def reward(self, inputs: Sequence[str | Sequence[int] | list[dict]], batch_size: int = 8) -> np.ndarray:
+    """A reward model's scores [len(inputs)] float32, each read at the input's last token: a conversation (messages
+    ending with the assistant's answer) is rendered with the chat template as in training (ending with EOS), a text
+    is encoded as BOS text EOS, token ids are scored as they are."""
+    if self.score is None:
+      raise ValueError("not a reward model: reward() needs a LlamaForSequenceClassification checkpoint (train one "
+                       "with `tinyllama2 rm`)")
+    rows = [self._reward_ids(x, i) for i, x in enumerate(inputs)]
+    out = np.zeros(len(rows), dtype=np.float32)
+    for lo in range(0, len(rows), batch_size):
+      batch = rows[lo:lo + batch_size]
+      width = min(self.model.max_seq_len, -(-max(map(len, batch)) // 32) * 32)   # a few padded shapes, compiled once
+      tokens = np.full((len(batch), width), reward.PAD_ID, dtype=np.int32)
+      for r, ids in enumerate(batch): tokens[r, :len(ids)] = ids
+      last = np.array([len(ids) - 1 for ids in batch], dtype=np.int32)
+      with self.engine.exclusive():
+        dev = self.model.device
+        out[lo:lo + len(batch)] = reward.last_token_scores(self.model, self.score, Tensor(tokens, device=dev),
+                                                           Tensor(last, device=dev)).numpy()
+    return out
+
+  def _reward_ids(self, x: str | Sequence[int] | list[dict], i: int) -> list[int]:
+    if isinstance(x, str): ids = self.tokenizer.encode(x, bos=True, eos=True)
+    elif isinstance(x, (list, tuple)) and x and isinstance(x[0], dict):
+      ids = self.chat_template.encode_for_training(list(x), self.tokenizer)[0]
+    else: ids = self._prompt_ids(x)
+    if not ids: raise ValueError(f"input {i} is empty")
+    self.decoder.check_length(len(ids))
+    return ids
 
   def _stopping(self, cfg: GenerationConfig) -> Stopping:
     eos = self.eos_ids if cfg.eos_token_id is None else eos_id_set(cfg.eos_token_id)

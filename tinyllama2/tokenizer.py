@@ -85,7 +85,7 @@ class ChatTemplate(Protocol):
   def encode_for_training(self, messages: list[dict], tokenizer: Tokenizer) -> tuple[list[int], list[int]]: ...
 
 
-def _encode_split(prompt: str, answer: str, tokenizer: Tokenizer, bos: bool, eos: bool) -> tuple[list[int], list[int]]:
+def encode_split(prompt: str, answer: str, tokenizer: Tokenizer, bos: bool, eos: bool) -> tuple[list[int], list[int]]:
   """ids of prompt + answer encoded together, and a 0/1 mask that is 1 on the answer's tokens (and EOS)."""
   ids = tokenizer.encode(prompt + answer, bos=bos, eos=eos)
   head = tokenizer.encode(prompt, bos=bos, eos=False)
@@ -126,7 +126,7 @@ class Llama2ChatTemplate:
     ids: list[int] = []
     mask: list[int] = []
     for user, answer in zip(msgs[0::2], msgs[1::2]):
-      i, m = _encode_split(f"[INST] {user['content'].strip()} [/INST]", f" {answer['content'].strip()} ", tokenizer, True, True)
+      i, m = encode_split(f"[INST] {user['content'].strip()} [/INST]", f" {answer['content'].strip()} ", tokenizer, True, True)
       ids, mask = ids + i, mask + m
     return ids, mask
 
@@ -155,4 +155,4 @@ class PlainTemplate:
     """All but the last message are the prompt; the last (the answer) and EOS are weighted."""
     msgs = _check_messages(messages)
     prompt = "\n".join(m["content"] for m in msgs[:-1])
-    return _encode_split(prompt + "\n" if prompt else "", msgs[-1]["content"], tokenizer, True, True)
+    return encode_split(prompt + "\n" if prompt else "", msgs[-1]["content"], tokenizer, True, True)

@@ -24,7 +24,7 @@ _LAYER_NAMES = {  # ours -> HF, inside model.layers.{i}.
   "ffn_norm.weight": "post_attention_layernorm.weight",
 }
 _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-              "output.weight": "lm_head.weight"}
+              "output.weight": "lm_head.weight", "score.weight": "score.weight"}   # score: a reward model's head
 
 
 def is_hf_dir(path: Path) -> bool: return path.is_dir() and (path / "config.json").is_file()
@@ -104,8 +104,9 @@ def load(path: str | Path) -> tuple[ModelArgs, dict[str, np.ndarray]]:
 
 
 def save(out: str | Path, args: ModelArgs, weights: dict[str, np.ndarray], tokenizer_model: str | Path | None = None,
-         dtype: str = "float32", max_shard_bytes: int = 5 * 1024**3) -> None:
-  """Write an HF directory; dtype is float32, float16 or bfloat16. Shards past max_shard_bytes, with an index."""
+         dtype: str = "float32", max_shard_bytes: int = 5 * 1024**3, config_overrides: dict | None = None) -> None:
+  """Write an HF directory; dtype is float32, float16 or bfloat16. Shards past max_shard_bytes, with an index.
+  config_overrides: keys replaced in config.json (a reward model's architecture and labels)."""
   out = Path(out)
   if dtype not in ("float32", "float16", "bfloat16"): raise ValueError(f"unsupported dtype {dtype!r} for HF export")
   out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +134,7 @@ def save(out: str | Path, args: ModelArgs, weights: dict[str, np.ndarray], token
       weight_map.update({n: fname for n in shard})
       total += sum(a.size * itemsize for a in shard.values())
     write_text(out / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-  write_text(out / "config.json", json.dumps(to_hf_config(args, dtype), indent=2))
+  write_text(out / "config.json", json.dumps(to_hf_config(args, dtype) | (config_overrides or {}), indent=2))
   eos = args.eos_id
   write_text(out / "generation_config.json", json.dumps({"bos_token_id": args.bos_id, "eos_token_id": eos}, indent=2))
   if tokenizer_model is not None and Path(tokenizer_model).resolve() != (out / "tokenizer.model").resolve():

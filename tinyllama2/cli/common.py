@@ -98,7 +98,7 @@ def load_model(a: argparse.Namespace):
   return llm
 
 
-def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int) -> None:
+def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int, out_required: bool = True) -> None:
   p.add_argument("--max-steps", type=int_flag(1), default=steps, help="optimizer steps")
   p.add_argument("--lr", type=float_flag(0, above=True), default=lr, help="peak learning rate (after warmup)")
   p.add_argument("--min-lr", type=float_flag(0), help="final learning rate of the cosine schedule (default: lr/10)")
@@ -111,7 +111,7 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
   p.add_argument("--eval-every", type=int_flag(1), default=100, help="held-out loss every N steps")
   p.add_argument("--save-every", type=int_flag(1), default=100, help="checkpoint every N steps")
   p.add_argument("--seed", type=int_flag(0), default=0, help="seed for init, data order and dropout")
-  p.add_argument("--out", required=True, help="output folder (checkpoints, metrics, the trained model)")
+  p.add_argument("--out", required=out_required, help="output folder (checkpoints, metrics, the trained model)")
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
   p.add_argument("--device", help="tinygrad device (default: $DEV, else CPU)")
 

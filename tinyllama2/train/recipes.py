@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -23,22 +24,27 @@ from .data import json_layout, load_records, sft_blocks, text_blocks
 from .trainer import TrainConfig, Trainer, check_training_memory, latest_checkpoint
 
 
-def export_hf(model: Transformer, out: Path, tokenizer: Tokenizer | None) -> None:
-  """Write the model's (non-LoRA) weights as a Hugging Face directory, replacing what was there only at the end."""
-  weights = {k: v.float().numpy() for k, v in model.state_dict().items() if "lora_" not in k}
+def replace_dir(out: Path, write: Callable[[Path], None]) -> None:
+  """write(tmp) a folder beside `out`, then put it in out's place. The previous folder is moved aside (as one of our
+  temp folders, cleaned by later runs), not deleted, until the new one is in place: a kill in between leaves it
+  beside the output instead of losing it."""
   tmp = out.with_name(out.name + ".tmp")
   shutil.rmtree(tmp, ignore_errors=True)
-  hf.save(tmp, model.args, weights, tokenizer_model=tokenizer.path if tokenizer else None)
+  write(tmp)
   if not out.exists():
     tmp.rename(out)
     return
-  # the previous model is moved aside (as one of our temp folders, cleaned by later runs), not deleted, until the
-  # new one is in place: a kill in between leaves it beside the output instead of losing it
   old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
   old.rmdir()
   out.rename(old)
   tmp.rename(out)
   shutil.rmtree(old, ignore_errors=True)
+
+
+def export_hf(model: Transformer, out: Path, tokenizer: Tokenizer | None) -> None:
+  """Write the model's (non-LoRA) weights as a Hugging Face directory, replacing what was there only at the end."""
+  weights = {k: v.float().numpy() for k, v in model.state_dict().items() if "lora_" not in k}
+  replace_dir(out, lambda d: hf.save(d, model.args, weights, tokenizer_model=tokenizer.path if tokenizer else None))
 
 
 def _check_out(out: Path, resume: bool) -> None:
@@ -196,20 +202,130 @@ def finetune(o: FinetuneOptions, progress: bool = True) -> Trainer:
   if fmt == "text": blocks = text_blocks([o.data], tok, o.seq_len)
   else: blocks = sft_blocks(o.data, tok, o.seq_len, Llama2ChatTemplate() if o.template == "llama2" else PlainTemplate(), o.limit)
   train, val = blocks.split(o.val_fraction)
+  params = _trainable(model, o, lcfg, cfg.seed)
   if o.lora:
-    params = lora.inject(model, lcfg, seed=cfg.seed)
     def on_save(_): lora.save_adapter(model, out / "adapter", lcfg, base_model=str(o.model))
   else:
-    all_params = model.state_dict()
-    frozen = frozen_names(list(all_params), o.freeze, o.freeze_layers)
-    for n in frozen: all_params[n].is_param_(False)
-    params = {n: t for n, t in all_params.items() if n not in frozen}
     def on_save(_): export_hf(model, out / "model", tok)
   trainer = Trainer(model, params, train, val, cfg, on_save=on_save)
   if o.resume and trainer.resume() and progress: print(f"resumed at step {trainer.step}")
   if progress:
     n = sum(int(np.prod(t.shape)) for t in params.values())
     print(f"training {n:,} parameters ({'LoRA' if o.lora else 'full'}); {len(train)} training rows, {len(val)} held out")
+  trainer.fit(progress=progress)
+  return trainer
+
+
+
+# ---- alignment: reward model, DPO ---------------------------------------------------------------
+@dataclass
+class RewardOptions(FinetuneOptions):
+  center_rewards_coefficient: float = 0.0   # trl's: pulls the mean reward towards 0
+
+
+@dataclass
+class DPOOptions(FinetuneOptions):
+  beta: float = 0.1
+  loss_type: str = "sigmoid"                # sigmoid | ipo | hinge
+  label_smoothing: float = 0.0
+
+
+def _preference_setup(o: FinetuneOptions, max_seq_len: int, progress: bool):
+  """Checks (output folder, device, data, settings, memory), then the model and the preference pairs split into
+  (train, held-out). Returns (llm, cfg, lora config or None, train pairs, held-out pairs)."""
+  from .. import lora
+  from ..checkpoint import load_checkpoint
+  from ..devices import resolve_device
+  from ..llama import Llama
+  from .data import preference_pairs
+  _check_out(Path(o.out), o.resume)
+  device = resolve_device(o.device)
+  if not Path(o.data).is_file(): raise FileNotFoundError(f"preference data not found: {o.data}")
+  cfg = TrainConfig(out_dir=str(o.out), **o.train)
+  cfg.validate()
+  lcfg = lora.LoraConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout, target_modules=o.target_modules) \
+    if o.lora else None
+  check_training_memory(load_checkpoint(o.model).args, 2 * cfg.batch_size, o.seq_len + 1, device)
+  llm = Llama.from_pretrained(o.model, tokenizer=o.tokenizer, device=device, dtype="float32", max_seq_len=max_seq_len)
+  if llm.score is not None: raise ValueError(f"{o.model} is a reward model; start from a language model (an SFT model)")
+  template = Llama2ChatTemplate() if o.template == "llama2" else PlainTemplate()
+  train, val = preference_pairs(o.data, llm.tokenizer, o.seq_len, template, o.limit).split(o.val_fraction)
+  if progress: print(f"data: {len(train)} preference pairs for training, {len(val)} held out")
+  return llm, cfg, lcfg, train, val
+
+
+def _trainable(model: Transformer, o: FinetuneOptions, lcfg, seed: int) -> dict:
+  """The LoRA tensors (injected now), or the weights a full / partial fine-tune trains."""
+  from .. import lora
+  if lcfg is not None: return lora.inject(model, lcfg, seed=seed)
+  all_params = model.state_dict()
+  frozen = frozen_names(list(all_params), o.freeze, o.freeze_layers)
+  for n in frozen: all_params[n].is_param_(False)
+  return {n: t for n, t in all_params.items() if n not in frozen}
+
+
+def train_reward_model(o: RewardOptions, progress: bool = True) -> Trainer:
+  """A reward model (trunk + score head) on preference pairs → OUT/model, a LlamaForSequenceClassification
+  directory (LoRA is folded into it at every checkpoint)."""
+  from .. import reward
+  from .align import RewardModeling, RewardRows
+  out = Path(o.out)
+  llm, cfg, lcfg, train, val = _preference_setup(o, o.seq_len + 1, progress)
+  model, tok = llm.model, llm.tokenizer
+  params = _trainable(model, o, lcfg, cfg.seed)
+  params.pop("output.weight", None)   # the LM head plays no part in a reward
+  score = reward.new_score_head(model, seed=cfg.seed)
+  params[reward.SCORE] = score.weight
+  objective = RewardModeling(model, score, o.center_rewards_coefficient)
+  trainer = Trainer(model, params, RewardRows(train), RewardRows(val), cfg, objective=objective,
+                    on_save=lambda _: replace_dir(out / "model", lambda d: reward.save(d, model, score, tok.path)))
+  return _fit(trainer, o, params, progress)
+
+
+def train_dpo(o: DPOOptions, progress: bool = True) -> Trainer:
+  """DPO of a language model on preference pairs against the model as loaded (the reference: its log-probs are
+  computed once, before training, and kept in OUT/reference_logps.npz) → OUT/adapter (LoRA) or OUT/model."""
+  from .. import lora
+  from .align import DirectPreference, DPOConfig, DPORows
+  out = Path(o.out)
+  dcfg = DPOConfig(o.beta, o.loss_type, o.label_smoothing)
+  dcfg.validate()
+  llm, cfg, lcfg, train, val = _preference_setup(o, o.seq_len, progress)
+  model, tok = llm.model, llm.tokenizer
+  ref = _reference(model, train, val, out / "reference_logps.npz", cfg.batch_size, progress)
+  params = _trainable(model, o, lcfg, cfg.seed)
+  if lcfg is not None:
+    def on_save(_): lora.save_adapter(model, out / "adapter", lcfg, base_model=str(o.model))
+  else:
+    def on_save(_): export_hf(model, out / "model", tok)
+  trainer = Trainer(model, params, DPORows(train, *ref[:2]), DPORows(val, *ref[2:]), cfg, on_save=on_save,
+                    objective=DirectPreference(model, dcfg))
+  return _fit(trainer, o, params, progress)
+
+
+def _reference(model: Transformer, train, val, path: Path, batch_size: int, progress: bool) -> list[np.ndarray]:
+  """DPO's reference log-probs [train chosen, train rejected, val chosen, val rejected]: from the file a previous
+  run of this --out wrote, else computed with the model before any training (so a resumed run uses the same)."""
+  from ..fileio import atomic_write
+  from .align import reference_logprobs
+  keys = ("train_chosen", "train_rejected", "val_chosen", "val_rejected")
+  if path.is_file():
+    with np.load(path) as f: ref = [f[k] for k in keys]
+    if [len(r) for r in ref] == [len(train), len(train), len(val), len(val)]: return ref
+    raise ValueError(f"{path} does not match this data ({[len(r) for r in ref]} reference log-probs); "
+                     "use the data of the run being resumed")
+  if progress: print(f"reference log-probs of {len(train) + len(val)} pairs ...")
+  ref = [*reference_logprobs(model, train, batch_size), *reference_logprobs(model, val, batch_size)]
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with atomic_write(path) as f: np.savez(f, **dict(zip(keys, ref)))
+  return ref
+
+
+def _fit(trainer: Trainer, o: FinetuneOptions, params: dict, progress: bool) -> Trainer:
+  if o.resume and trainer.resume() and progress: print(f"resumed at step {trainer.step}")
+  if progress:
+    n = sum(int(np.prod(t.shape)) for t in params.values())
+    print(f"training {n:,} parameters ({'LoRA' if o.lora else 'full'})")
   trainer.fit(progress=progress)
   return trainer
 

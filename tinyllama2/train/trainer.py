@@ -1,7 +1,8 @@
 """The training loop: AdamW with warmup + cosine decay, clipping, gradient accumulation, evaluation, checkpoints.
 
 A step is two compiled graphs: `micro` (forward, backward, add the gradients into accumulators), run grad_accum
-times, then `apply` (average, clip, AdamW update, zero the accumulators). Checkpoints hold the trainable
+times, then `apply` (average, clip, AdamW update, zero the accumulators). What is minimised is an `Objective` over
+rows of a `Dataset`: next-token prediction by default (`LanguageModeling`), a reward model or DPO for alignment. Checkpoints hold the trainable
 tensors, the optimizer moments, the step, the batch order's position and the RNG counter, so `resume()` continues
 with exactly the losses of an uninterrupted run. A checkpoint is written to a temporary folder, renamed into
 place, and only then named in `latest`: a kill at any moment leaves the previous checkpoint readable.
@@ -15,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 from tinygrad import Context, Tensor, TinyJit, dtypes
@@ -26,7 +27,7 @@ from ..config import ModelArgs
 from ..fileio import atomic_write, write_text
 from ..model import Transformer
 from ..runtime import rng
-from .data import BatchOrder, Blocks
+from .data import BatchOrder
 from .losses import lm_loss
 
 
@@ -93,15 +94,43 @@ def check_training_memory(args: ModelArgs, batch_size: int, seq_len: int, device
 def _no_decay(name: str) -> bool: return name.endswith(("norm.weight", "bias"))
 
 
-class Trainer:
-  """Trains `params` (name -> tensor, all else frozen) of `model` on `train`, evaluating on `val`."""
+class Dataset(Protocol):
+  """Training rows: `rows(index)` gives the arrays of those rows, in the order the objective takes them."""
+  def __len__(self) -> int: ...
+  @property
+  def tokens_per_row(self) -> int: ...
+  def rows(self, index: np.ndarray) -> tuple[np.ndarray, ...]: ...
 
-  def __init__(self, model: Transformer, params: dict[str, Tensor], train: Blocks, val: Blocks | None, config: TrainConfig,
-               on_save: Callable[[Path], None] | None = None):
+
+class Objective(Protocol):
+  """Maps a batch (the tensors of Dataset.rows) to [1 + len(metrics)] float32: the loss to minimise first, then
+  the values logged under `metrics`' names (averaged over the micro-batches of a step)."""
+  metrics: tuple[str, ...]
+  def __call__(self, *batch: Tensor) -> Tensor: ...
+
+
+class LanguageModeling:
+  """Next-token cross-entropy over the weighted targets of `Blocks` (pretraining, SFT)."""
+  metrics: tuple[str, ...] = ()
+
+  def __init__(self, model: Transformer): self.model = model
+
+  def __call__(self, tokens: Tensor, weights: Tensor) -> Tensor:
+    return lm_loss(self.model(tokens[:, :-1]), tokens[:, 1:], weights).reshape(1)
+
+
+class Trainer:
+  """Trains `params` (name -> tensor, all else frozen) of `model` on `train`, evaluating on `val`; the objective
+  defaults to language modeling on `Blocks`."""
+
+  def __init__(self, model: Transformer, params: dict[str, Tensor], train: Dataset, val: Dataset | None,
+               config: TrainConfig, on_save: Callable[[Path], None] | None = None, objective: Objective | None = None):
     config.validate()
     if not params: raise ValueError("nothing to train: every parameter is frozen")
-    if train.seq_len > model.max_seq_len: raise ValueError(f"--seq-len {train.seq_len} exceeds the model's {model.max_seq_len}")
+    seq_len = getattr(train, "seq_len", 0)
+    if seq_len > model.max_seq_len: raise ValueError(f"--seq-len {seq_len} exceeds the model's {model.max_seq_len}")
     self.model, self.params, self.train_data, self.val_data, self.cfg = model, params, train, val, config
+    self.objective = objective or LanguageModeling(model)
     self.out = Path(config.out_dir)
     self.on_save = on_save
     self.step = 0
@@ -120,13 +149,13 @@ class Trainer:
     rng.seed(self.device, config.seed)
 
   # ---- compiled pieces --------------------------------------------------------------------------
-  def _micro_step(self, tokens: Tensor, weights: Tensor) -> Tensor:
+  def _micro_step(self, *batch: Tensor) -> Tensor:
     with Context(TRAINING=1):
-      loss = lm_loss(self.model(tokens[:, :-1]), tokens[:, 1:], weights)
-      grads = loss.gradient(*self.params.values())
+      values = self.objective(*batch)
+      grads = values[0].gradient(*self.params.values())
       for acc, g in zip(self.accum, grads): acc.assign(acc + g.float())
-      Tensor.realize(loss, *self.accum)
-    return loss
+      Tensor.realize(values, *self.accum)
+    return values
 
   def _apply_step(self) -> Tensor:
     with Context(TRAINING=1):
@@ -139,12 +168,15 @@ class Trainer:
       Tensor.realize(norm, *updates, *self.accum)
     return norm
 
-  def _eval_step(self, tokens: Tensor, weights: Tensor) -> Tensor:
-    return lm_loss(self.model(tokens[:, :-1]), tokens[:, 1:], weights).realize()
+  def _eval_step(self, *batch: Tensor) -> Tensor: return self.objective(*batch).realize()
 
   # ---- loop -------------------------------------------------------------------------------------
-  def _batch(self, data: Blocks, rows: np.ndarray) -> tuple[Tensor, Tensor]:
-    return (Tensor(data.tokens[rows], device=self.device), Tensor(data.weights[rows], device=self.device))
+  def _batch(self, data: Dataset, rows: np.ndarray) -> list[Tensor]:
+    return [Tensor(a, device=self.device) for a in data.rows(rows)]
+
+  def _named(self, values: list[np.ndarray], prefix: str = "") -> dict[str, float]:
+    mean = np.mean(values, axis=0)
+    return {prefix + name: float(v) for name, v in zip(("loss", *self.objective.metrics), mean)}
 
   def set_lr(self, lr: float) -> None:
     for o in self.opt.optimizers: o.lr.assign(Tensor([lr], dtype=o.lr.dtype, device=o.lr.device)).realize()
@@ -152,32 +184,33 @@ class Trainer:
   def train_step(self) -> dict:
     lr = lr_at(self.step, self.cfg)
     self.set_lr(lr)
-    losses = [self._micro(*self._batch(self.train_data, self.order.next())).item() for _ in range(self.cfg.grad_accum)]
+    values = [self._micro(*self._batch(self.train_data, self.order.next())).numpy() for _ in range(self.cfg.grad_accum)]
     norm = self._apply().item()
     self.step += 1
-    return {"step": self.step, "loss": float(np.mean(losses)), "lr": lr, "grad_norm": norm}
+    return {"step": self.step, **self._named(values), "lr": lr, "grad_norm": norm}
 
-  def evaluate(self) -> float:
-    """Mean loss over the first eval_batches batches of the held-out set (in order, so runs are comparable)."""
+  def evaluate(self) -> dict[str, float]:
+    """The objective's loss and metrics (`val_loss`, `val_<metric>`) averaged over the first eval_batches batches of
+    the held-out set, in order so runs are comparable (a set smaller than a batch is repeated to fill one)."""
     data, b = self.val_data, self.cfg.batch_size
-    if data is None or len(data) == 0: return float("nan")
-    if len(data) < b: data = Blocks(np.resize(data.tokens, (b, data.tokens.shape[1])), np.resize(data.weights, (b, data.seq_len)))
-    n = min(self.cfg.eval_batches, len(data) // b)
-    return float(np.mean([self._eval(*self._batch(data, np.arange(i * b, (i + 1) * b))).item() for i in range(n)]))
+    if data is None or len(data) == 0: return {"val_loss": float("nan")}
+    n = max(1, min(self.cfg.eval_batches, len(data) // b))
+    return self._named([self._eval(*self._batch(data, np.arange(i * b, (i + 1) * b) % len(data))).numpy()
+                        for i in range(n)], prefix="val_")
 
   def fit(self, progress: bool = True) -> list[dict]:
     """Train from the current step to max_steps; returns the per-step records of this call."""
     from tqdm import tqdm
     records: list[dict] = []
-    tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.train_data.seq_len
+    tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.train_data.tokens_per_row
     bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not progress)
     while self.step < self.cfg.max_steps:
       t0 = time.perf_counter()
       rec = self.train_step()
       rec["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
       if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps:
-        rec["val_loss"] = self.evaluate()
-        rec["val_ppl"] = math.exp(min(rec["val_loss"], 50))
+        rec.update(self.evaluate())
+        if isinstance(self.objective, LanguageModeling): rec["val_ppl"] = math.exp(min(rec["val_loss"], 50))
       records.append(rec)
       self._log(rec)
       bar.update(1)
