@@ -120,6 +120,7 @@ class LoRALinear:
     self.lora_A = Tensor.uniform(cfg.r, in_f, low=-bound, high=bound, device=dev).contiguous().realize()
     self.lora_B = Tensor.zeros(out_f, cfg.r, device=dev).contiguous().realize()
     self.scale, self.dropout, self.merged = cfg.scale, cfg.dropout, False
+    self.enabled = True   # False: the base layer alone (lora.adapters_off)
 
   def _asdict(self) -> dict[str, Tensor]: return {"weight": self.weight, "lora_A": self.lora_A, "lora_B": self.lora_B}
 
@@ -135,7 +136,7 @@ class LoRALinear:
 
   def forward(self, x: Tensor) -> Tensor:
     y = x @ self.weight.T
-    if self.merged: return y
+    if self.merged or not self.enabled: return y
     h = x.dropout(self.dropout) if self.dropout else x
     return y + ((h.cast(dtypes.float32) @ self.lora_A.T @ self.lora_B.T) * self.scale).cast(y.dtype)
 

@@ -188,6 +188,15 @@ class Llama:
     return self.engine.submit(self._prompt_ids(ids), cfg, self._stopping(cfg), rng, on_step=on_step,
                               constraint=constraint)
 
+  def rollouts(self, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+               rngs: Sequence[np.random.Generator]) -> list[Generation]:
+    """Sampled completions of many prompts generated together on the engine, prompt i drawing from rngs[i] (its
+    tokens do not depend on what else is in the batch): RL rollouts."""
+    self._check_language_model()
+    ids = [self._prompt_ids(p) for p in prompts]
+    return generations(generate_steps(self.engine, ids, cfg, self._stopping(cfg), list(rngs)), ids, self._tokenizer,
+                       cfg.stop)
+
   def embed(self, inputs: Sequence[str | Sequence[int]]) -> np.ndarray:
     """Sentence embeddings [len(inputs), dim] float32: the final-norm hidden states of each input (text or ids)
     averaged over its tokens and L2-normalised."""

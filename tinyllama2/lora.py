@@ -7,11 +7,13 @@ lora_B of q_proj/k_proj is row-permuted on save and load, as the base weights ar
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tinygrad import Tensor
@@ -75,6 +77,18 @@ def inject(model: Transformer, cfg: LoraConfig, seed: int = 0) -> dict[str, Tens
 
 def trainable(model: Transformer) -> dict[str, Tensor]:
   return {f"{path}.{ab}": getattr(lin, ab) for path, lin in lora_layers(model).items() for ab in ("lora_A", "lora_B")}
+
+
+@contextlib.contextmanager
+def adapters_off(model: Transformer) -> Iterator[None]:
+  """The base model from the same weights, every (unmerged) adapter bypassed meanwhile: a reference policy
+  without a second copy of the model (for graphs built meanwhile; compiled ones keep what they captured)."""
+  layers = [lin for lin in lora_layers(model).values() if not lin.merged]
+  if not layers: raise ValueError("the model has no (unmerged) LoRA adapter to switch off")
+  for lin in layers: lin.enabled = False
+  try: yield
+  finally:
+    for lin in layers: lin.enabled = True
 
 
 def merge(model: Transformer) -> None:

@@ -121,3 +121,64 @@ def train_config_kwargs(a: argparse.Namespace) -> dict:
               warmup_steps=a.warmup_steps if a.warmup_steps is not None else max(1, a.max_steps // 20),
               batch_size=a.batch_size, grad_accum=a.grad_accum, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
               eval_every=a.eval_every, save_every=a.save_every, seed=a.seed)
+
+
+def load_callable(spec: str) -> Callable:
+  """A Python function named as module:function or path/to/file.py:function (a --reward-fn)."""
+  import importlib
+  import importlib.util
+  from pathlib import Path
+  where, sep, name = spec.rpartition(":")
+  if not sep or not where or not name: raise ValueError(f"--reward-fn {spec!r}: expected module:function or file.py:function")
+  if where.endswith(".py"):
+    if not Path(where).is_file(): raise FileNotFoundError(f"--reward-fn: {where} not found")
+    loader = importlib.util.spec_from_file_location(Path(where).stem, where)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+  else:
+    try: module = importlib.import_module(where)
+    except ImportError as e: raise ValueError(f"--reward-fn {spec!r}: cannot import {where} ({e})") from None
+  fn = getattr(module, name, None)
+  if not callable(fn): raise ValueError(f"--reward-fn {spec!r}: {where} has no function {name!r}")
+  return fn
+
+
+def add_rl_args(p: argparse.ArgumentParser, epochs: int) -> None:
+  """The flags PPO and GRPO share: policy, prompts, rewards, sampling, updates."""
+  p.add_argument("--model", required=True, help="the policy to start from (an SFT model): " + DEFAULT_MODEL_HELP)
+  p.add_argument("--tokenizer", help="tokenizer.model path when it is not beside the weights")
+  p.add_argument("--prompts", required=True, help="JSON / JSONL prompts: strings, or {\"prompt\": text or messages}")
+  p.add_argument("--reward-model", help="a reward model directory (from `tinyllama2 rm`) scoring prompt + completion")
+  p.add_argument("--reward-fn", action="append", default=[],
+                 help="module:function or file.py:function, called as f(prompts, completions) -> rewards (repeatable; "
+                      "added to the reward model's score)")
+  p.add_argument("--template", choices=["llama2", "plain"], default="llama2", help="how message prompts are rendered")
+  p.add_argument("--limit", type=int_flag(1), help="use only the first N prompts")
+  p.add_argument("--lora-r", type=int_flag(1), default=8, help="LoRA rank of the policy")
+  p.add_argument("--lora-alpha", type=float_flag(0, above=True), default=16.0, help="LoRA alpha (scale = alpha / r)")
+  p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated HF module names to adapt")
+  p.add_argument("--iterations", type=int_flag(1), default=20, help="rounds of sampling + updates")
+  p.add_argument("--prompts-per-iteration", type=int_flag(1), default=8, help="prompts sampled each round")
+  p.add_argument("--max-new-tokens", type=int_flag(1), default=32, help="completion length at most")
+  p.add_argument("--temperature", type=float_flag(0, above=True), default=1.0, help="sampling temperature of rollouts")
+  p.add_argument("--top-k", type=int_flag(0), default=0, help="top-k of rollouts (0 = off)")
+  p.add_argument("--top-p", type=float_flag(0, above=True, hi=1), default=1.0, help="top-p of rollouts")
+  p.add_argument("--epochs", type=int_flag(1), default=epochs, help="update passes over each round's completions")
+  p.add_argument("--batch-size", type=int_flag(1), default=8, help="completions per minibatch update")
+  p.add_argument("--lr", type=float_flag(0, above=True), default=1e-4, help="learning rate")
+  p.add_argument("--min-lr", type=float_flag(0), help="final learning rate of the cosine schedule (default: lr/10)")
+  p.add_argument("--grad-clip", type=float_flag(0), default=1.0, help="max gradient norm (0 = off)")
+  p.add_argument("--seed", type=int_flag(0), default=0, help="seed for the adapter's init, prompt order and sampling")
+  p.add_argument("--out", required=True, help="output folder (the adapter, metrics.jsonl)")
+  p.add_argument("--device", help="tinygrad device (default: $DEV, else CPU)")
+
+
+def rl_options(a: argparse.Namespace, cls: type, **extra):
+  return cls(model=a.model, prompts=a.prompts, out=a.out, reward_model=a.reward_model,
+             reward_fns=[load_callable(s) for s in a.reward_fn], tokenizer=a.tokenizer, template=a.template,
+             lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+             target_modules=[m.strip() for m in a.target_modules.split(",") if m.strip()], iterations=a.iterations,
+             prompts_per_iteration=a.prompts_per_iteration, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+             top_k=a.top_k, top_p=a.top_p, epochs=a.epochs, limit=a.limit, device=a.device,
+             train=dict(batch_size=a.batch_size, lr=a.lr, min_lr=a.lr / 10 if a.min_lr is None else a.min_lr,
+                        grad_clip=a.grad_clip, seed=a.seed), **extra)

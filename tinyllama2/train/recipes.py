@@ -20,7 +20,7 @@ from ..config import PRESETS, ModelArgs
 from ..model import Transformer
 from ..tokenizer import Llama2ChatTemplate, PlainTemplate, Tokenizer
 from ..fileio import check_writable, user_entries
-from .data import json_layout, load_records, sft_blocks, text_blocks
+from .data import BatchOrder, json_layout, load_records, sft_blocks, text_blocks
 from .trainer import TrainConfig, Trainer, check_training_memory, latest_checkpoint
 
 
@@ -329,3 +329,218 @@ def _fit(trainer: Trainer, o: FinetuneOptions, params: dict, progress: bool) -> 
   trainer.fit(progress=progress)
   return trainer
 
+
+
+# ---- alignment: PPO, GRPO -----------------------------------------------------------------------
+@dataclass
+class RLOptions:
+  """What PPO and GRPO share: the policy (a LoRA adapter on `model`), prompts, rewards, sampling and updates."""
+  model: str
+  prompts: str                                  # JSON / JSONL: strings or {"prompt": text | messages}
+  out: str
+  reward_model: str | None = None               # a reward model directory (tinyllama2 rm) ...
+  reward_fns: list = field(default_factory=list)  # ... and/or Python callables (prompts, completions) -> rewards
+  tokenizer: str | None = None
+  template: str = "llama2"                      # how message prompts are rendered
+  lora_r: int = 8
+  lora_alpha: float = 16.0
+  target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+  iterations: int = 20                          # rollout + update rounds
+  prompts_per_iteration: int = 8
+  max_new_tokens: int = 32
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  epochs: int = 4                               # passes over each iteration's rollouts (PPO's ppo_epochs)
+  limit: int | None = None
+  device: str | None = None
+  train: dict = field(default_factory=dict)     # TrainConfig fields; batch_size is the minibatch
+
+
+@dataclass
+class PPOOptions(RLOptions):
+  ppo: dict = field(default_factory=dict)       # PPOConfig fields
+
+
+@dataclass
+class GRPOOptions(RLOptions):
+  epochs: int = 1                               # trl's num_iterations
+  grpo: dict = field(default_factory=dict)      # GRPOConfig fields
+
+
+def load_prompts(path: str | Path, tokenizer: Tokenizer, template, limit: int | None) -> list[tuple[str, list[int]]]:
+  """(text shown to reward functions, prompt ids) per record: a string is text the completion continues (BOS
+  text); {"prompt": messages} is rendered with the chat template (its text: the last message)."""
+  path = Path(path)
+  records = load_records(path)[0][:limit]
+  if not records: raise ValueError(f"{path}: holds no prompts")
+  out = []
+  for i, rec in enumerate(records):
+    p = rec.get("prompt") if isinstance(rec, dict) else rec
+    if isinstance(p, str): out.append((p, tokenizer.encode(p, bos=True)))
+    elif isinstance(p, list) and p:
+      from .data import record_messages
+      msgs = record_messages({"conversations": p}, f"{path} record {i}")
+      try: out.append((msgs[-1]["content"], template.encode(msgs, tokenizer)))
+      except ValueError as e: raise ValueError(f"{path} record {i}: {e}") from None
+    else: raise ValueError(f"{path} record {i}: expected a string or {{\"prompt\": text or messages}}, got {rec!r}"[:300])
+  return out
+
+
+def _rl_setup(o: RLOptions, rows_per_iteration: int):
+  """Checks, then (policy llm with LoRA injected, its trainable tensors, lora config, reward model or None,
+  prompts, row width, TrainConfig)."""
+  from .. import lora
+  from ..devices import resolve_device
+  from ..llama import Llama
+  _check_out(Path(o.out), resume=False)
+  device = resolve_device(o.device)
+  if not Path(o.prompts).is_file(): raise FileNotFoundError(f"prompts not found: {o.prompts}")
+  if o.reward_model is None and not o.reward_fns:
+    raise ValueError("no reward: pass --reward-model DIR (a reward model from `tinyllama2 rm`) or reward functions")
+  for name in ("iterations", "prompts_per_iteration", "max_new_tokens", "epochs"):
+    if getattr(o, name) < 1: raise ValueError(f"{name} must be at least 1, got {getattr(o, name)}")
+  mb = o.train.get("batch_size", 8)
+  if rows_per_iteration % mb: raise ValueError(f"the {rows_per_iteration} completions of an iteration must split into "
+                                               f"minibatches of --batch-size {mb}")
+  steps = o.iterations * o.epochs * (rows_per_iteration // mb)
+  cfg = TrainConfig(out_dir=o.out, **({"warmup_steps": 0, "eval_every": steps + 1, "save_every": steps + 1} | o.train
+                                      | {"max_steps": steps}))
+  cfg.validate()
+  rm = Llama.from_pretrained(o.reward_model, device=device) if o.reward_model else None
+  if rm is not None and rm.score is None: raise ValueError(f"--reward-model {o.reward_model} is not a reward model")
+  llm = Llama.from_pretrained(o.model, tokenizer=o.tokenizer, device=device, dtype="float32")
+  template = Llama2ChatTemplate() if o.template == "llama2" else PlainTemplate()
+  prompts = load_prompts(o.prompts, llm.tokenizer, template, o.limit)
+  width = max(len(ids) for _, ids in prompts) + o.max_new_tokens + 1
+  if width > llm.model.max_seq_len:
+    raise ValueError(f"the longest prompt plus --max-new-tokens is {width} tokens, more than the model's context "
+                     f"{llm.model.max_seq_len}")
+  # no dropout: the policy must give the log-probs it sampled with (trl disables it too)
+  lcfg = lora.LoraConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=0.0, target_modules=o.target_modules)
+  params = lora.inject(llm.model, lcfg, seed=cfg.seed)
+  return llm, params, lcfg, rm, prompts, width, cfg
+
+
+def _rewards(o: RLOptions, rm, texts: list[str], completions: list[str], rows: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """The sum of the reward model's score of each row (prompt + completion) and every reward function's value."""
+  total = np.zeros(len(texts), dtype=np.float32)
+  if rm is not None: total += rm.reward([r[:n].tolist() for r, n in zip(rows, lengths)])
+  for fn in o.reward_fns:
+    values = np.asarray(list(fn(texts, completions)), dtype=np.float32)
+    if values.shape != (len(texts),): raise ValueError(f"reward function {fn!r} returned {values.shape[0]} values for "
+                                                       f"{len(texts)} completions")
+    total += values
+  return total
+
+
+class RLRun:
+  """The rollout-and-update loop PPO and GRPO share; `prepare` (per algorithm) turns scored rollouts into rows."""
+
+  def __init__(self, o: RLOptions, group: int):
+    from ..generate import GenerationConfig
+    self.o, self.group = o, group
+    self.llm, self.params, self.lcfg, self.rm, self.prompts, self.width, self.cfg = _rl_setup(o, o.prompts_per_iteration * group)
+    self.model, self.tok = self.llm.model, self.llm.tokenizer
+    self.gen = GenerationConfig(max_new_tokens=o.max_new_tokens, do_sample=True, temperature=o.temperature,
+                                top_k=o.top_k, top_p=o.top_p)
+    self.order = BatchOrder(len(self.prompts), min(o.prompts_per_iteration, len(self.prompts)), self.cfg.seed)
+    self.trainer: Trainer | None = None
+    self.steps: list[dict] = []   # every update's record (the metrics file has one line per iteration)
+
+  def rollout(self, iteration: int):
+    """Sample `group` completions of this iteration's prompts; (texts, completions, rows, mask, scores)."""
+    from .rl import pack
+    picked = [self.prompts[i] for i in self.order.next() for _ in range(self.group)]
+    seeds = np.random.SeedSequence([self.cfg.seed, iteration]).spawn(len(picked))
+    self.llm.decoder.forget()   # the weights changed since the last rollout: no cached prompt keys are valid
+    gens = self.llm.rollouts([ids for _, ids in picked], self.gen, [np.random.default_rng(s) for s in seeds])
+    tokens, mask = pack(gens, self.tok.eos_id, self.width, self.tok.eos_id)
+    texts, completions = [t for t, _ in picked], [g.text for g in gens]
+    lengths = np.array([len(g.prompt_tokens) for g in gens]) + mask.sum(1).astype(np.int64)
+    return texts, completions, tokens, mask, _rewards(self.o, self.rm, texts, completions, tokens, lengths)
+
+  def stats(self, tokens: np.ndarray, value_head=None):
+    """(policy log-probs, values or None, reference log-probs) of the rows, without gradients."""
+    from .. import lora
+    from .rl import rollout_stats
+    logp, values = rollout_stats(self.model, tokens, self.cfg.batch_size, value_head)
+    with lora.adapters_off(self.model): ref, _ = rollout_stats(self.model, tokens, self.cfg.batch_size)
+    return logp, values, ref
+
+  def update(self, rows, objective, iteration: int) -> dict:
+    """Epochs of minibatch updates on the rows; the means of their metrics."""
+    if self.trainer is None:
+      self.trainer = Trainer(self.model, self.params, rows, None, self.cfg, objective=objective)
+    self.trainer.set_data(rows, seed=self.cfg.seed * 1_000_003 + iteration)
+    recs = [self.trainer.train_step() for _ in range(self.o.epochs * (len(rows) // self.cfg.batch_size))]
+    self.steps += recs
+    keys = [k for k in recs[0] if k not in ("step", "lr")]
+    return {k: float(np.mean([r[k] for r in recs])) for k in keys} | {"step": recs[-1]["step"], "lr": recs[-1]["lr"]}
+
+  def finish(self, progress: bool) -> None:
+    from .. import lora
+    lora.save_adapter(self.model, Path(self.o.out) / "adapter", self.lcfg, base_model=str(self.o.model))
+    if self.trainer is not None: self.trainer.plot()
+    if progress: print(f"adapter written to {Path(self.o.out) / 'adapter'}")
+
+
+def _rl_loop(run: RLRun, prepare: Callable, objective, progress: bool, name: str) -> RLRun:
+  import time
+  from tqdm import tqdm
+  for it in tqdm(range(run.o.iterations), desc=name, unit="iter", disable=not progress):
+    t0 = time.perf_counter()
+    texts, completions, tokens, mask, scores = run.rollout(it)
+    t1 = time.perf_counter()
+    rows, rec = prepare(tokens, mask, scores)
+    rec = {"iteration": it + 1, **rec, **run.update(rows, objective, it), "completion_tokens": float(mask.sum(1).mean()),
+           "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1}
+    run.trainer.log(rec)
+    if progress: tqdm.write(f"iteration {it + 1}: score {rec['objective/scores']:.3f}, kl {rec['objective/kl']:.3f}")
+  run.finish(progress)
+  return run
+
+
+def train_ppo(o: PPOOptions, progress: bool = True) -> RLRun:
+  """PPO with a KL penalty to the reference (the model with its adapter off), a value head on the policy's trunk
+  and GAE, as trl's PPOTrainer → OUT/adapter (PEFT format), OUT/metrics.jsonl (one line per iteration)."""
+  from .. import reward
+  from .rl import AdaptiveKL, PPOConfig, PPOObjective, RLRows, gae, kl_per_sequence, ppo_rewards, whiten
+  pcfg = PPOConfig(**o.ppo)
+  run = RLRun(o, group=1)
+  value_head = reward.new_score_head(run.model, seed=run.cfg.seed + 1)
+  run.params["v_head.weight"] = value_head.weight
+  kl_ctl = AdaptiveKL(pcfg.kl_coef, pcfg.kl_target, pcfg.kl_horizon)
+
+  def prepare(tokens, mask, scores):
+    logp, values, ref = run.stats(tokens, value_head)
+    rewards, kl = ppo_rewards(scores, logp, ref, mask, kl_ctl.value)
+    adv, returns = gae(rewards, values * mask, mask, pcfg.gamma, pcfg.lam)
+    if pcfg.whiten_advantages: adv = whiten(adv, mask)
+    kl_seq = kl_per_sequence(logp, ref, mask)
+    rec = {"objective/scores": float(scores.mean()), "objective/kl": kl_seq, "objective/kl_coef": kl_ctl.value,
+           "objective/rlhf_reward": float(scores.mean() - kl_ctl.value * kl.sum(1).mean())}
+    kl_ctl.update(kl_seq, len(scores))
+    return RLRows(tokens, mask, logp, adv, returns, values * mask), rec
+
+  return _rl_loop(run, prepare, PPOObjective(run.model, value_head, pcfg), progress, "ppo")
+
+
+def train_grpo(o: GRPOOptions, progress: bool = True) -> RLRun:
+  """GRPO: groups of completions per prompt, advantages relative to the group, the clipped objective and an
+  optional KL penalty (beta) to the reference, as trl's GRPOTrainer → OUT/adapter, OUT/metrics.jsonl."""
+  from .rl import GRPOConfig, GRPOObjective, RLRows, group_advantages, kl_per_sequence
+  gcfg = GRPOConfig(**o.grpo)
+  if gcfg.num_generations < 2: raise ValueError("--num-generations must be at least 2 (advantages are relative to the group)")
+  run = RLRun(o, group=gcfg.num_generations)
+  objective = GRPOObjective(run.model, gcfg)
+
+  def prepare(tokens, mask, scores):
+    logp, _, ref = run.stats(tokens)
+    adv = group_advantages(scores, gcfg.num_generations, gcfg.scale_rewards)
+    groups = scores.reshape(-1, gcfg.num_generations)
+    rec = {"objective/scores": float(scores.mean()), "objective/kl": kl_per_sequence(logp, ref, mask),
+           "reward_std": float(groups.std(1, ddof=1).mean())}
+    return RLRows(tokens, mask, logp, ref, adv), rec
+
+  return _rl_loop(run, prepare, objective, progress, "grpo")

@@ -178,6 +178,10 @@ class Trainer:
     mean = np.mean(values, axis=0)
     return {prefix + name: float(v) for name, v in zip(("loss", *self.objective.metrics), mean)}
 
+  def set_data(self, train: Dataset, seed: int) -> None:
+    """Train on new rows from now on (RL: each iteration's rollouts), in a shuffled order drawn from `seed`."""
+    self.train_data, self.order = train, BatchOrder(len(train), self.cfg.batch_size, seed)
+
   def set_lr(self, lr: float) -> None:
     for o in self.opt.optimizers: o.lr.assign(Tensor([lr], dtype=o.lr.dtype, device=o.lr.device)).realize()
 
@@ -212,7 +216,7 @@ class Trainer:
         rec.update(self.evaluate())
         if isinstance(self.objective, LanguageModeling): rec["val_ppl"] = math.exp(min(rec["val_loss"], 50))
       records.append(rec)
-      self._log(rec)
+      self.log(rec)
       bar.update(1)
       bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
                       **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
@@ -225,7 +229,7 @@ class Trainer:
   @property
   def metrics_path(self) -> Path: return self.out / "metrics.jsonl"
 
-  def _log(self, rec: dict) -> None:
+  def log(self, rec: dict) -> None:
     self.out.mkdir(parents=True, exist_ok=True)
     with open(self.metrics_path, "a") as f: f.write(json.dumps(rec) + "\n")
 
