@@ -145,19 +145,18 @@ def test_reward_gradients_match_finite_differences():
     return reward_loss(r[:2], r[2:], 0.1, 0.05)
 
   params = {"score.weight": score.weight, **{k: v for k, v in m.state_dict().items()
-                                              if k in ("layers.0.attention.wq.weight", "layers.1.feed_forward.w2.weight",
-                                                       "norm.weight", "tok_embeddings.weight")}}
+                                              if k in ("layers.0.attention.wq.weight", "layers.1.feed_forward.w2.weight")}}
   with Context(TRAINING=1):
     grads = dict(zip(params, [g.numpy() for g in loss_of().gradient(*params.values())]))
   eps = 1e-2
   for name, p in params.items():
     base = p.numpy().copy()
-    for idx in [tuple(int(rng.integers(0, s)) for s in base.shape) for _ in range(3)]:
+    for idx in [tuple(int(rng.integers(0, s)) for s in base.shape) for _ in range(2)]:
       def at(delta):
         w = base.copy()
         w[idx] += delta
         p.assign(Tensor(w, device=d)).realize()
-        return float(loss_of().item())
+        with Context(TRAINING=1): return float(loss_of().item())   # the graph the gradient came from
       fd = (at(eps) - at(-eps)) / (2 * eps)
       p.assign(Tensor(base, device=d)).realize()
       assert grads[name][idx] == pytest.approx(fd, rel=5e-2, abs=2e-4), (name, idx)
@@ -207,7 +206,7 @@ def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_reward_model_learns_a_rule_and_loads_in_transformers(tmp_path):
+def test_reward_model_learns_a_rule_and_loads_in_transformers(tmp_path, capsys):
   base = _tiny_hf_model(tmp_path / "base")
   data = marker_pairs(tmp_path / "pairs.json", 100)
   run = _cli("rm", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "rm"), "--lora-r", "8",
@@ -236,9 +235,10 @@ def test_reward_model_learns_a_rule_and_loads_in_transformers(tmp_path):
   assert theirs.returncode == 0, theirs.stderr[-3000:]
   np.testing.assert_allclose(ours, json.loads(theirs.stdout), atol=1e-4)
   # and the command line scores as the library does
-  cli = _cli("rm", "score", "--model", str(tmp_path / "rm" / "model"), stdin="Tom saw a cat. It was happy.\nMia had a box.\n")
-  assert cli.returncode == 0, cli.stderr[-2000:]
-  np.testing.assert_allclose([float(x) for x in cli.stdout.split()], ours[:2], atol=1e-5)
+  from tinyllama2.cli import main
+  assert main(["rm", "score", "--model", str(tmp_path / "rm" / "model"), "--text", "Tom saw a cat. It was happy.",
+               "--text", "Mia had a box."]) == 0
+  np.testing.assert_allclose([float(x) for x in capsys.readouterr().out.split()], ours[:2], atol=1e-5)
 
 
 def test_reward_and_language_models_refuse_each_others_calls(tmp_path):
@@ -248,18 +248,25 @@ def test_reward_and_language_models_refuse_each_others_calls(tmp_path):
   from tinyllama2 import reward
   reward.save(tmp_path / "rm", lm.model, new_score_head(lm.model), TOKENIZER)
   rm = Llama.from_pretrained(tmp_path / "rm")
+  assert rm.model.quantization is None
   with pytest.raises(ValueError, match="reward model"): rm.generate("Once")
   assert rm.reward(["Once upon a time"]).shape == (1,)
+  with pytest.raises(ValueError, match="a list of inputs"): rm.reward("Once upon a time")
   r = _cli("rm", "--model", str(tmp_path / "rm"), "--data", str(tmp_path / "none.json"), "--out", str(tmp_path / "o"))
   assert r.returncode == 1 and "preference data not found" in r.stderr and "Traceback" not in r.stderr
 
 
 # ---- DPO ----------------------------------------------------------------------------------------
+def _softmax(x: np.ndarray) -> np.ndarray:
+  e = np.exp(x.astype(np.float64) - x.max())
+  return e / e.sum()
+
+
 def _metrics(out: Path) -> list[dict]: return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
-def test_dpo_starts_at_ln2_learns_the_preference_and_resumes_exactly(tmp_path):
+def test_dpo_starts_at_ln2_learns_the_preference_and_resumes_exactly(tmp_path, monkeypatch):
   from tinyllama2.train.recipes import DPOOptions, train_dpo
   base = _tiny_hf_model(tmp_path / "base")
   data = marker_pairs(tmp_path / "pairs.json", 60)
@@ -278,15 +285,49 @@ def test_dpo_starts_at_ln2_learns_the_preference_and_resumes_exactly(tmp_path):
   assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
   for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"): assert abs(first[k]) < 1e-5, (k, first[k])
   assert last["rewards/accuracies"] > 0.9 and last["val_rewards/accuracies"] > 0.9, last
-  assert last["logps/chosen"] > first["logps/chosen"] and last["rewards/margins"] > 0.1
-  # stopped after step 6 (its checkpoint), resumed to 12: the same metrics as the uninterrupted run
-  run("cut", 6)
+  assert last["rewards/margins"] > 0.1
+  # the chosen style (the marker word) became more likely after "It was", on stories it was not trained on
+  base_lm, tuned = Llama.from_pretrained(base), Llama.from_pretrained(base, adapter=tmp_path / "full" / "adapter")
+  tok = base_lm.tokenizer
+  with_word, without = tok.encode("Tom saw a cat. It was happy.", bos=False), tok.encode("Tom saw a cat. It was", bos=False)
+  assert with_word[:len(without)] == without
+  happy = with_word[len(without)]   # the marker's first token after "It was"
+  rng = random.Random(3)
+  gains = []
+  for _ in range(6):
+    ids = Llama2ChatTemplate().encode([{"role": "user", "content": "Tell me about Tom."}], tok)
+    ids += tok.encode(f" {_story(rng)} It was", bos=False)
+    logp = lambda lm: float(np.log(_softmax(lm.logits(ids)[-1])[happy]))
+    gains.append(logp(tuned) - logp(base_lm))
+  assert np.mean(gains) > 0.5, gains
+  # killed right after its checkpoint at step 6, resumed: the same metrics as the uninterrupted run
+  from tinyllama2.train.trainer import Trainer
+  save = Trainer.save_checkpoint
+
+  def save_then_die(self):
+    path = save(self)
+    if self.step == 6: raise KeyboardInterrupt
+    return path
+
+  monkeypatch.setattr(Trainer, "save_checkpoint", save_then_die)
+  with pytest.raises(KeyboardInterrupt): run("cut", 12)
+  monkeypatch.undo()
   run("cut", 12, resume=True)
   cut = _metrics(tmp_path / "cut")
   drop = ("tokens_per_s",)
   assert [{k: v for k, v in r.items() if k not in drop} for r in cut] == \
          [{k: v for k, v in r.items() if k not in drop} for r in rows]
   assert (tmp_path / "full" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_reference_file_of_other_rows_is_refused(tmp_path):
+  from tinyllama2.train.recipes import _reference
+  pairs = preference_pairs(marker_pairs(tmp_path / "p.json", 6), Tokenizer(TOKENIZER), 48)
+  train, val = pairs.split(0.3)
+  np.savez(tmp_path / "ref.npz", rows=np.zeros(32, np.uint8), train_chosen=np.zeros(len(train)),
+           train_rejected=np.zeros(len(train)), val_chosen=np.zeros(len(val)), val_rejected=np.zeros(len(val)))
+  with pytest.raises(ValueError, match="reference log-probs of other data"):
+    _reference(None, train, val, tmp_path / "ref.npz", 4, progress=False)
 
 
 def test_dpo_rejects_bad_settings_before_loading(tmp_path):

@@ -1,6 +1,6 @@
 """PPO and GRPO: GAE, KL-shaped rewards and group advantages against hand computations; on (part of) the bundled
 model a toy reward (+1 per occurrence of a word) rises while the KL stays bounded; the first minibatch's ratio is 1;
-a seeded run repeats exactly through the command line."""
+a seeded run repeats exactly."""
 import json
 import subprocess
 import sys
@@ -96,6 +96,27 @@ def test_rewards_add_the_reward_model_score_and_the_functions(tmp_path):
   np.testing.assert_allclose(got, rm.reward(ids) + np.array([1, 0]), rtol=1e-6)
 
 
+def test_reward_function_failures_are_one_line_errors():
+  from tinyllama2.train.recipes import RLOptions, _rewards
+  rows, lengths = np.zeros((2, 4), np.int32), np.array([4, 4])
+  def broken(prompts, completions): raise KeyError("oops")
+  for fn, message in ((broken, "reward function broken failed: KeyError"), (lambda p, c: [1.0], r"returned shape \(1,\)"),
+                      (lambda p, c: [1.0, float("nan")], "NaN or infinite")):
+    with pytest.raises(ValueError, match=message):
+      _rewards(RLOptions(model="", prompts="", out="", reward_fns=[fn]), None, ["a", "b"], ["x", "y"], rows, lengths)
+
+
+def test_log_probs_are_those_of_the_sampling_temperature():
+  from tinygrad import Tensor
+  from tinyllama2.train.rl import token_values
+  lm = Llama.from_pretrained(BUNDLED)
+  ids = lm.tokenizer.encode("Once upon a time there was", bos=True)
+  logits = lm.logits(ids).astype(np.float64) / 0.7
+  want = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+  got, _ = token_values(lm.model, Tensor(np.array([ids], np.int32), device=lm.model.device), temperature=0.7)
+  np.testing.assert_allclose(got.numpy()[0], want[np.arange(len(ids) - 1), ids[1:]], rtol=1e-4, atol=1e-4)
+
+
 # ---- the loops on the bundled model's first two blocks --------------------------------------------
 PROMPTS += ["Mom said", "The cat", "Max had a", "It was a sunny day", "Sara and Ben", "The little bird", "One night",
             "A big tree"]
@@ -152,13 +173,12 @@ def test_ppo_raises_a_toy_reward_with_bounded_kl_and_repeats_exactly(tmp_path, p
   assert _rises(scores), scores
   assert all(r["objective/kl"] < 20 for r in rows)
   assert (tmp_path / "a" / "adapter" / "adapter_config.json").is_file()
-  # the first iterations again through the command line, the reward function named by file: the same numbers
+  # the first iterations again, the reward function named by file as on the command line: the same numbers
   fn = tmp_path / "toy_reward.py"
   fn.write_text(f"def count_word(prompts, completions): return [c.count({WORD!r}) for c in completions]\n")
-  cli = subprocess.run([sys.executable, "-m", "tinyllama2.cli", "ppo", "--model", str(policy), "--prompts", str(prompts),
-                        "--out", str(tmp_path / "b"), "--reward-fn", f"{fn}:count_word", "--iterations", "3", *PPO_FLAGS],
-                       capture_output=True, text=True, timeout=900, cwd=ROOT)
-  assert cli.returncode == 0, cli.stderr[-3000:]
+  again = build_parser().parse_args(["ppo", "--model", str(policy), "--prompts", str(prompts), "--out", str(tmp_path / "b"),
+                                     "--reward-fn", f"{fn}:count_word", "--iterations", "3", *PPO_FLAGS])
+  train_ppo(rl_options(again, PPOOptions, ppo=dict(kl_coef=0.05)), progress=False)
   assert _metrics(tmp_path / "b") == rows[:3]
 
 

@@ -12,7 +12,7 @@ from .beam import beam_generations
 from .checkpoint import load_checkpoint
 from .config import ModelArgs, warn_if_beyond_trained
 from .devices import resolve_device
-from . import reward
+from . import ops, reward
 from .engine import Engine, Request, generate_steps
 from .generate import (Constraint, Generation, GenerationConfig, Stopping, TextStream, TokenStep, eos_id_set,
                        generations)
@@ -95,7 +95,7 @@ class Llama:
       args = args.replace(tie_embeddings=True)
     model = Transformer(args, max_seq_len=max_seq_len, dtype=resolve_dtype(dtype, stored), device=device)
     model.load_weights(floats, expected=set(ckpt.weights) - {reward.SCORE})
-    if len(floats) < len(ckpt.weights):   # quantized blocks from the file go into QuantLinear as they are
+    if len(floats) + (score_w is not None) < len(ckpt.weights):   # quantized blocks go into QuantLinear as they are
       load_prequantized(model, ckpt.weights)
       model.quantization = "mixed" if quantize is None else quantize
     if adapter is not None:   # folded into the weights: decoding costs what the base model costs
@@ -214,6 +214,7 @@ class Llama:
     if self.score is None:
       raise ValueError("not a reward model: reward() needs a LlamaForSequenceClassification checkpoint (train one "
                        "with `tinyllama2 rm`)")
+    if isinstance(inputs, str): raise ValueError("reward() takes a list of inputs: reward([text]) scores one text")
     rows = [self._reward_ids(x, i) for i, x in enumerate(inputs)]
     out = np.zeros(len(rows), dtype=np.float32)
     for lo in range(0, len(rows), batch_size):
@@ -222,7 +223,7 @@ class Llama:
       tokens = np.full((len(batch), width), reward.PAD_ID, dtype=np.int32)
       for r, ids in enumerate(batch): tokens[r, :len(ids)] = ids
       last = np.array([len(ids) - 1 for ids in batch], dtype=np.int32)
-      with self.engine.exclusive():
+      with self.engine.exclusive(), ops.training_graph():   # the graph the reward model was trained with
         dev = self.model.device
         out[lo:lo + len(batch)] = reward.last_token_scores(self.model, self.score, Tensor(tokens, device=dev),
                                                            Tensor(last, device=dev)).numpy()

@@ -130,14 +130,14 @@ def load_callable(spec: str) -> Callable:
   from pathlib import Path
   where, sep, name = spec.rpartition(":")
   if not sep or not where or not name: raise ValueError(f"--reward-fn {spec!r}: expected module:function or file.py:function")
-  if where.endswith(".py"):
-    if not Path(where).is_file(): raise FileNotFoundError(f"--reward-fn: {where} not found")
-    loader = importlib.util.spec_from_file_location(Path(where).stem, where)
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-  else:
-    try: module = importlib.import_module(where)
-    except ImportError as e: raise ValueError(f"--reward-fn {spec!r}: cannot import {where} ({e})") from None
+  if where.endswith(".py") and not Path(where).is_file(): raise FileNotFoundError(f"--reward-fn: {where} not found")
+  try:
+    if where.endswith(".py"):
+      loader = importlib.util.spec_from_file_location(Path(where).stem, where)
+      module = importlib.util.module_from_spec(loader)
+      loader.loader.exec_module(module)
+    else: module = importlib.import_module(where)
+  except Exception as e: raise ValueError(f"--reward-fn {spec!r}: cannot import {where} ({type(e).__name__}: {e})") from None
   fn = getattr(module, name, None)
   if not callable(fn): raise ValueError(f"--reward-fn {spec!r}: {where} has no function {name!r}")
   return fn

@@ -15,6 +15,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], default="sigmoid", help="DPO, IPO or SLiC-hinge loss")
   p.add_argument("--label-smoothing", type=float_flag(0, hi=0.5, below=True), default=0.0,
                  help="conservative DPO: the assumed share of flipped labels (--loss sigmoid)")
+  p.set_defaults(lora_dropout=0.0)   # trl disables dropout for preference training
   add_train_args(p, steps=200, lr=5e-4, batch=8)
 
 

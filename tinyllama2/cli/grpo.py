@@ -14,8 +14,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--beta", type=float_flag(0), default=0.0, help="KL penalty to the reference (0 = none, as trl)")
   p.add_argument("--epsilon", type=float_flag(0, above=True), default=0.2, help="ratio clip range")
   p.add_argument("--no-scale-rewards", action="store_true", help="advantages not divided by the group's std")
-  p.add_argument("--loss-type", choices=["grpo", "dapo"], default="grpo",
-                 help="grpo: mean over each completion's tokens then completions; dapo: mean over all tokens")
+  p.add_argument("--loss-type", choices=["grpo", "bnpo"], default="grpo",
+                 help="grpo: mean over each completion's tokens then completions; bnpo: mean over all tokens")
 
 
 def main(a: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                  help="adds C * mean((r_chosen + r_rejected)^2) to the loss, keeping rewards centred on 0 (trl)")
   p.add_argument("--text", action="append", default=[], help="rm score: a text to score (repeat; default: stdin lines)")
   p.add_argument("--json", action="store_true", help="rm score: print a JSON list of {text, score}")
+  p.set_defaults(lora_dropout=0.0)   # trl disables dropout for preference training
   add_train_args(p, steps=200, lr=1e-4, batch=8, out_required=False)
 
 

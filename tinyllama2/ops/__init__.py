@@ -10,10 +10,11 @@ batched decode step), `project_rows`, `project_rows_swiglu` (several rows), `cac
 """
 from __future__ import annotations
 
+import contextlib
 from types import ModuleType
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from tinygrad import Tensor, UOp, dtypes
+from tinygrad import Context, Tensor, UOp, dtypes
 from tinygrad.helpers import TRAINING
 
 from . import cpu, gpu
@@ -33,6 +34,13 @@ def silu(x: Tensor) -> Tensor:
   sig = x.sigmoid().contiguous().detach()
   dsilu = (sig * (1 + x.detach() * (1 - sig))).contiguous().detach()
   return x.detach() * sig + (x - x.detach()) * dsilu
+
+
+@contextlib.contextmanager
+def training_graph() -> Iterator[None]:
+  """Forward passes built meanwhile use the graph a training step uses (tinygrad's kernels, dropout active), for
+  values that must equal the training forward's: DPO's reference log-probs, RL rollout statistics, reward scores."""
+  with Context(TRAINING=1): yield
 
 
 def backend(device) -> ModuleType | None:

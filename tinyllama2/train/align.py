@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from tinygrad import Tensor
 
+from .. import ops
 from ..layers import Linear
 from ..model import Transformer
 from ..reward import last_token_scores
@@ -67,8 +68,8 @@ def sequence_logprobs(model: Transformer, tokens: Tensor, weights: Tensor) -> Te
 
 def reference_logprobs(model: Transformer, pairs: Pairs, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
   """Summed log-probabilities of every pair's chosen and rejected answer under `model` as it is now, for DPO's
-  frozen reference: no gradients, but batched as training batches them (chosen rows then rejected rows, padded to a
-  full batch), so a policy still equal to the reference gets the same values."""
+  frozen reference: no gradients, but batched and computed as training computes them (chosen rows then rejected
+  rows, padded to a full batch; the training graph), so a policy still equal to the reference gets the same values."""
   n = len(pairs)
   chosen, rejected = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
   for lo in range(0, n, batch_size):
@@ -76,7 +77,7 @@ def reference_logprobs(model: Transformer, pairs: Pairs, batch_size: int = 8) ->
     ct, cw = pairs.chosen.rows(idx)
     rt, rw = pairs.rejected.rows(idx)
     tokens, weights = (Tensor(np.concatenate(a), device=model.device) for a in ((ct, rt), (cw, rw)))
-    lp = sequence_logprobs(model, tokens, weights).numpy()
+    with ops.training_graph(): lp = sequence_logprobs(model, tokens, weights).numpy()
     chosen[lo:lo + k], rejected[lo:lo + k] = lp[:k], lp[batch_size:batch_size + k]
   return chosen, rejected
 

@@ -21,7 +21,7 @@ from ..model import Transformer
 from ..tokenizer import Llama2ChatTemplate, PlainTemplate, Tokenizer
 from ..fileio import check_writable, user_entries
 from .data import BatchOrder, json_layout, load_records, sft_blocks, text_blocks
-from .trainer import TrainConfig, Trainer, check_training_memory, latest_checkpoint
+from .trainer import TrainConfig, Trainer, check_training_memory, latest_checkpoint, read_metrics
 
 
 def replace_dir(out: Path, write: Callable[[Path], None]) -> None:
@@ -220,11 +220,13 @@ def finetune(o: FinetuneOptions, progress: bool = True) -> Trainer:
 # ---- alignment: reward model, DPO ---------------------------------------------------------------
 @dataclass
 class RewardOptions(FinetuneOptions):
+  lora_dropout: float = 0.0                 # trl disables dropout for preference training
   center_rewards_coefficient: float = 0.0   # trl's: pulls the mean reward towards 0
 
 
 @dataclass
 class DPOOptions(FinetuneOptions):
+  lora_dropout: float = 0.0                 # as trl: the policy's log-probs are then comparable to the reference's
   beta: float = 0.1
   loss_type: str = "sigmoid"                # sigmoid | ipo | hinge
   label_smoothing: float = 0.0
@@ -305,19 +307,25 @@ def train_dpo(o: DPOOptions, progress: bool = True) -> Trainer:
 
 def _reference(model: Transformer, train, val, path: Path, batch_size: int, progress: bool) -> list[np.ndarray]:
   """DPO's reference log-probs [train chosen, train rejected, val chosen, val rejected]: from the file a previous
-  run of this --out wrote, else computed with the model before any training (so a resumed run uses the same)."""
+  run of this --out wrote for the same rows (a fingerprint of the tokens and weights says so), else computed with
+  the model before any training, so a resumed run uses the same."""
+  import hashlib
   from ..fileio import atomic_write
   from .align import reference_logprobs
   keys = ("train_chosen", "train_rejected", "val_chosen", "val_rejected")
+  digest = hashlib.sha256()
+  for pairs in (train, val):
+    for a in (pairs.chosen.tokens, pairs.chosen.weights, pairs.rejected.tokens, pairs.rejected.weights): digest.update(a.tobytes())
+  fingerprint = np.frombuffer(digest.digest(), dtype=np.uint8)
   if path.is_file():
-    with np.load(path) as f: ref = [f[k] for k in keys]
-    if [len(r) for r in ref] == [len(train), len(train), len(val), len(val)]: return ref
-    raise ValueError(f"{path} does not match this data ({[len(r) for r in ref]} reference log-probs); "
-                     "use the data of the run being resumed")
+    with np.load(path) as f:
+      if "rows" in f and np.array_equal(f["rows"], fingerprint): return [f[k] for k in keys]
+    raise ValueError(f"{path} holds reference log-probs of other data (or --seq-len, --template, --limit); "
+                     "use the settings of the run being resumed")
   if progress: print(f"reference log-probs of {len(train) + len(val)} pairs ...")
   ref = [*reference_logprobs(model, train, batch_size), *reference_logprobs(model, val, batch_size)]
   path.parent.mkdir(parents=True, exist_ok=True)
-  with atomic_write(path) as f: np.savez(f, **dict(zip(keys, ref)))
+  with atomic_write(path) as f: np.savez(f, rows=fingerprint, **dict(zip(keys, ref)))
   return ref
 
 
@@ -410,8 +418,13 @@ def _rl_setup(o: RLOptions, rows_per_iteration: int):
   rm = Llama.from_pretrained(o.reward_model, device=device) if o.reward_model else None
   if rm is not None and rm.score is None: raise ValueError(f"--reward-model {o.reward_model} is not a reward model")
   llm = Llama.from_pretrained(o.model, tokenizer=o.tokenizer, device=device, dtype="float32")
+  if rm is not None and rm.args.vocab_size != llm.args.vocab_size:
+    raise ValueError(f"--reward-model has a vocabulary of {rm.args.vocab_size}, the policy {llm.args.vocab_size}: the "
+                     "reward model must read the policy's token ids (train it from the same model family)")
   template = Llama2ChatTemplate() if o.template == "llama2" else PlainTemplate()
   prompts = load_prompts(o.prompts, llm.tokenizer, template, o.limit)
+  if o.prompts_per_iteration > len(prompts):
+    raise ValueError(f"--prompts-per-iteration {o.prompts_per_iteration} is more than the {len(prompts)} prompts given")
   width = max(len(ids) for _, ids in prompts) + o.max_new_tokens + 1
   if width > llm.model.max_seq_len:
     raise ValueError(f"the longest prompt plus --max-new-tokens is {width} tokens, more than the model's context "
@@ -427,9 +440,13 @@ def _rewards(o: RLOptions, rm, texts: list[str], completions: list[str], rows: n
   total = np.zeros(len(texts), dtype=np.float32)
   if rm is not None: total += rm.reward([r[:n].tolist() for r, n in zip(rows, lengths)])
   for fn in o.reward_fns:
-    values = np.asarray(list(fn(texts, completions)), dtype=np.float32)
-    if values.shape != (len(texts),): raise ValueError(f"reward function {fn!r} returned {values.shape[0]} values for "
-                                                       f"{len(texts)} completions")
+    name = getattr(fn, "__name__", repr(fn))
+    try: values = np.asarray(list(fn(texts, completions)), dtype=np.float32)
+    except Exception as e: raise ValueError(f"reward function {name} failed: {type(e).__name__}: {e}") from None
+    if values.shape != (len(texts),):
+      raise ValueError(f"reward function {name} returned shape {values.shape} for {len(texts)} completions; "
+                       "it must return one number per completion")
+    if not np.isfinite(values).all(): raise ValueError(f"reward function {name} returned a NaN or infinite reward")
     total += values
   return total
 
@@ -442,9 +459,10 @@ class RLRun:
     self.o, self.group = o, group
     self.llm, self.params, self.lcfg, self.rm, self.prompts, self.width, self.cfg = _rl_setup(o, o.prompts_per_iteration * group)
     self.model, self.tok = self.llm.model, self.llm.tokenizer
+    # one end-of-sequence id: the one pack() appends to a completion that stopped
     self.gen = GenerationConfig(max_new_tokens=o.max_new_tokens, do_sample=True, temperature=o.temperature,
-                                top_k=o.top_k, top_p=o.top_p)
-    self.order = BatchOrder(len(self.prompts), min(o.prompts_per_iteration, len(self.prompts)), self.cfg.seed)
+                                top_k=o.top_k, top_p=o.top_p, eos_token_id=self.tok.eos_id)
+    self.order = BatchOrder(len(self.prompts), o.prompts_per_iteration, self.cfg.seed)
     self.trainer: Trainer | None = None
     self.steps: list[dict] = []   # every update's record (the metrics file has one line per iteration)
 
@@ -464,8 +482,9 @@ class RLRun:
     """(policy log-probs, values or None, reference log-probs) of the rows, without gradients."""
     from .. import lora
     from .rl import rollout_stats
-    logp, values = rollout_stats(self.model, tokens, self.cfg.batch_size, value_head)
-    with lora.adapters_off(self.model): ref, _ = rollout_stats(self.model, tokens, self.cfg.batch_size)
+    t = self.o.temperature
+    logp, values = rollout_stats(self.model, tokens, self.cfg.batch_size, value_head, t)
+    with lora.adapters_off(self.model): ref, _ = rollout_stats(self.model, tokens, self.cfg.batch_size, temperature=t)
     return logp, values, ref
 
   def update(self, rows, objective, iteration: int) -> dict:
@@ -498,7 +517,19 @@ def _rl_loop(run: RLRun, prepare: Callable, objective, progress: bool, name: str
     run.trainer.log(rec)
     if progress: tqdm.write(f"iteration {it + 1}: score {rec['objective/scores']:.3f}, kl {rec['objective/kl']:.3f}")
   run.finish(progress)
+  if progress: print(rl_summary(read_metrics(Path(run.o.out) / "metrics.jsonl")))
   return run
+
+
+def rl_summary(rows: list[dict]) -> str:
+  """How the mean score moved (first third of the iterations → last third), the KL, and the time per iteration."""
+  third = max(1, len(rows) // 3)
+  mean = lambda rs, k: float(np.mean([r[k] for r in rs]))
+  later = rows[1:] or rows   # the first iteration compiles
+  return (f"objective/scores {mean(rows[:third], 'objective/scores'):.3f} (first {third} iterations) -> "
+          f"{mean(rows[-third:], 'objective/scores'):.3f} (last {third}); objective/kl {rows[0]['objective/kl']:.2f} -> "
+          f"{rows[-1]['objective/kl']:.2f}; per iteration {mean(later, 'rollout_s'):.2f} s sampling + "
+          f"{mean(later, 'update_s'):.2f} s updating")
 
 
 def train_ppo(o: PPOOptions, progress: bool = True) -> RLRun:
@@ -523,7 +554,7 @@ def train_ppo(o: PPOOptions, progress: bool = True) -> RLRun:
     kl_ctl.update(kl_seq, len(scores))
     return RLRows(tokens, mask, logp, adv, returns, values * mask), rec
 
-  return _rl_loop(run, prepare, PPOObjective(run.model, value_head, pcfg), progress, "ppo")
+  return _rl_loop(run, prepare, PPOObjective(run.model, value_head, pcfg, o.temperature), progress, "ppo")
 
 
 def train_grpo(o: GRPOOptions, progress: bool = True) -> RLRun:
@@ -533,7 +564,7 @@ def train_grpo(o: GRPOOptions, progress: bool = True) -> RLRun:
   gcfg = GRPOConfig(**o.grpo)
   if gcfg.num_generations < 2: raise ValueError("--num-generations must be at least 2 (advantages are relative to the group)")
   run = RLRun(o, group=gcfg.num_generations)
-  objective = GRPOObjective(run.model, gcfg)
+  objective = GRPOObjective(run.model, gcfg, o.temperature)
 
   def prepare(tokens, mask, scores):
     logp, _, ref = run.stats(tokens)

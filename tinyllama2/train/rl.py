@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tinygrad import Tensor
 
+from .. import ops
 from ..generate import Generation
 from ..layers import Linear
 from ..model import Transformer
@@ -49,25 +50,29 @@ def pack(generations: Sequence[Generation], eos_id: int, width: int, pad_id: int
   return tokens, mask
 
 
-def token_values(model: Transformer, tokens: Tensor, value_head: Linear | None = None) -> tuple[Tensor, Tensor | None]:
-  """log p(target) [B, W - 1] of rows [B, W], and the value head's estimate at each input position [B, W - 1]."""
+def token_values(model: Transformer, tokens: Tensor, value_head: Linear | None = None,
+                 temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
+  """log p(target) [B, W - 1] of rows [B, W] under the distribution sampled from (logits / temperature), and the
+  value head's estimate at each input position [B, W - 1]."""
   h = model.forward_hidden(model.embed(tokens[:, :-1]), 0, None)
-  logp = token_logprobs(model.logits_from_hidden(h), tokens[:, 1:])
+  logits = model.logits_from_hidden(h)
+  logp = token_logprobs(logits / temperature if temperature != 1.0 else logits, tokens[:, 1:])
   values = (h.float() @ value_head.weight.T.float())[..., 0] if value_head is not None else None
   return logp, values
 
 
-def rollout_stats(model: Transformer, tokens: np.ndarray, batch_size: int,
-                  value_head: Linear | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def rollout_stats(model: Transformer, tokens: np.ndarray, batch_size: int, value_head: Linear | None = None,
+                  temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
   """token_values over all rows without gradients, batched as the updates batch them (rows padded to full batches)."""
   n = len(tokens)
   logp = np.zeros((n, tokens.shape[1] - 1), dtype=np.float32)
   values = np.zeros_like(logp) if value_head is not None else None
   for lo in range(0, n, batch_size):
     idx, k = np.arange(lo, lo + batch_size) % n, min(batch_size, n - lo)
-    lp, v = token_values(model, Tensor(tokens[idx], device=model.device), value_head)
-    logp[lo:lo + k] = lp.numpy()[:k]
-    if values is not None: values[lo:lo + k] = v.numpy()[:k]
+    with ops.training_graph():   # the update's graph: a policy that has not moved gives ratio 1
+      lp, v = token_values(model, Tensor(tokens[idx], device=model.device), value_head, temperature)
+      logp[lo:lo + k] = lp.numpy()[:k]
+      if values is not None: values[lo:lo + k] = v.numpy()[:k]
   return logp, values
 
 
@@ -154,13 +159,13 @@ class PPOObjective:
   advantages, returns, old values), with trl's metric names."""
   metrics = ("policy/approxkl", "policy/clipfrac", "val/ratio", "loss/policy", "loss/value", "val/clipfrac")
 
-  def __init__(self, model: Transformer, value_head: Linear, cfg: PPOConfig):
-    self.model, self.value_head, self.cfg = model, value_head, cfg
+  def __init__(self, model: Transformer, value_head: Linear, cfg: PPOConfig, temperature: float = 1.0):
+    self.model, self.value_head, self.cfg, self.temperature = model, value_head, cfg, temperature
 
   def __call__(self, tokens: Tensor, mask: Tensor, old_logp: Tensor, advantages: Tensor, returns: Tensor,
                old_values: Tensor) -> Tensor:
     c, m = self.cfg, mask.float()
-    logp, values = token_values(self.model, tokens, self.value_head)
+    logp, values = token_values(self.model, tokens, self.value_head, self.temperature)
     diff = (m > 0).where(logp - old_logp, 0.0)
     ratio = diff.exp()
     pg1, pg2 = -advantages * ratio, -advantages * ratio.clip(1 - c.cliprange, 1 + c.cliprange)
@@ -189,7 +194,8 @@ class GRPOConfig:
   beta: float = 0.0            # KL penalty to the reference (0: none, trl's default)
   epsilon: float = 0.2         # clip range of the ratio
   scale_rewards: bool = True
-  loss_type: str = "grpo"      # grpo: mean over each completion's tokens, then over completions; dapo: over all tokens
+  loss_type: str = "grpo"      # grpo: mean over each completion's tokens, then over completions; bnpo: over the tokens
+                               # of the minibatch
 
 
 class GRPOObjective:
@@ -197,13 +203,13 @@ class GRPOObjective:
   with beta > 0, the k3 KL estimate exp(ref - logp) - (ref - logp) - 1 at each token."""
   metrics = ("kl", "clip_ratio", "val/ratio")
 
-  def __init__(self, model: Transformer, cfg: GRPOConfig):
-    if cfg.loss_type not in ("grpo", "dapo"): raise ValueError(f"unknown --loss-type {cfg.loss_type!r} (grpo or dapo)")
-    self.model, self.cfg = model, cfg
+  def __init__(self, model: Transformer, cfg: GRPOConfig, temperature: float = 1.0):
+    if cfg.loss_type not in ("grpo", "bnpo"): raise ValueError(f"unknown --loss-type {cfg.loss_type!r} (grpo or bnpo)")
+    self.model, self.cfg, self.temperature = model, cfg, temperature
 
   def __call__(self, tokens: Tensor, mask: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor) -> Tensor:
     c, m = self.cfg, mask.float()
-    logp, _ = token_values(self.model, tokens)
+    logp, _ = token_values(self.model, tokens, temperature=self.temperature)
     ratio = (m > 0).where(logp - old_logp, 0.0).exp()
     adv = advantages.reshape(-1, 1)
     s1, s2 = ratio * adv, ratio.clip(1 - c.epsilon, 1 + c.epsilon) * adv

@@ -2,10 +2,11 @@
 
 A step is two compiled graphs: `micro` (forward, backward, add the gradients into accumulators), run grad_accum
 times, then `apply` (average, clip, AdamW update, zero the accumulators). What is minimised is an `Objective` over
-rows of a `Dataset`: next-token prediction by default (`LanguageModeling`), a reward model or DPO for alignment. Checkpoints hold the trainable
-tensors, the optimizer moments, the step, the batch order's position and the RNG counter, so `resume()` continues
-with exactly the losses of an uninterrupted run. A checkpoint is written to a temporary folder, renamed into
-place, and only then named in `latest`: a kill at any moment leaves the previous checkpoint readable.
+rows of a `Dataset`: next-token prediction by default (`LanguageModeling`), a reward model, DPO, PPO or GRPO for
+alignment. Checkpoints hold the trainable tensors, the optimizer moments, the step, the batch order's position and
+the RNG counter, so `resume()` continues with exactly the losses of an uninterrupted run. A checkpoint is written to
+a temporary folder, renamed into place, and only then named in `latest`: a kill at any moment leaves the previous
+checkpoint readable.
 """
 from __future__ import annotations
 
@@ -98,7 +99,9 @@ class Dataset(Protocol):
   """Training rows: `rows(index)` gives the arrays of those rows, in the order the objective takes them."""
   def __len__(self) -> int: ...
   @property
-  def tokens_per_row(self) -> int: ...
+  def seq_len(self) -> int: ...          # the longest sequence the model sees
+  @property
+  def tokens_per_row(self) -> int: ...   # for tokens/s
   def rows(self, index: np.ndarray) -> tuple[np.ndarray, ...]: ...
 
 
@@ -127,8 +130,7 @@ class Trainer:
                config: TrainConfig, on_save: Callable[[Path], None] | None = None, objective: Objective | None = None):
     config.validate()
     if not params: raise ValueError("nothing to train: every parameter is frozen")
-    seq_len = getattr(train, "seq_len", 0)
-    if seq_len > model.max_seq_len: raise ValueError(f"--seq-len {seq_len} exceeds the model's {model.max_seq_len}")
+    if train.seq_len > model.max_seq_len: raise ValueError(f"--seq-len {train.seq_len} exceeds the model's {model.max_seq_len}")
     self.model, self.params, self.train_data, self.val_data, self.cfg = model, params, train, val, config
     self.objective = objective or LanguageModeling(model)
     self.out = Path(config.out_dir)
