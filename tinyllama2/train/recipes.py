@@ -20,7 +20,7 @@ from ..config import PRESETS, ModelArgs
 from ..model import Transformer
 from ..tokenizer import Llama2ChatTemplate, PlainTemplate, Tokenizer
 from ..fileio import check_writable, user_entries
-from .data import BatchOrder, json_layout, load_records, sft_blocks, text_blocks
+from .data import BatchOrder, json_layout, load_records, record_messages, sft_blocks, text_blocks
 from .trainer import TrainConfig, Trainer, check_training_memory, latest_checkpoint, read_metrics
 
 
@@ -208,13 +208,7 @@ def finetune(o: FinetuneOptions, progress: bool = True) -> Trainer:
   else:
     def on_save(_): export_hf(model, out / "model", tok)
   trainer = Trainer(model, params, train, val, cfg, on_save=on_save)
-  if o.resume and trainer.resume() and progress: print(f"resumed at step {trainer.step}")
-  if progress:
-    n = sum(int(np.prod(t.shape)) for t in params.values())
-    print(f"training {n:,} parameters ({'LoRA' if o.lora else 'full'}); {len(train)} training rows, {len(val)} held out")
-  trainer.fit(progress=progress)
-  return trainer
-
+  return _fit(trainer, o, params, progress, f"; {len(train)} training rows, {len(val)} held out")
 
 
 # ---- alignment: reward model, DPO ---------------------------------------------------------------
@@ -329,14 +323,14 @@ def _reference(model: Transformer, train, val, path: Path, batch_size: int, prog
   return ref
 
 
-def _fit(trainer: Trainer, o: FinetuneOptions, params: dict, progress: bool) -> Trainer:
+def _fit(trainer: Trainer, o: FinetuneOptions, params: dict, progress: bool, detail: str = "") -> Trainer:
+  """Resume if asked, say what is trained, train."""
   if o.resume and trainer.resume() and progress: print(f"resumed at step {trainer.step}")
   if progress:
     n = sum(int(np.prod(t.shape)) for t in params.values())
-    print(f"training {n:,} parameters ({'LoRA' if o.lora else 'full'})")
+    print(f"training {n:,} parameters ({'LoRA' if o.lora else 'full'}){detail}")
   trainer.fit(progress=progress)
   return trainer
-
 
 
 # ---- alignment: PPO, GRPO -----------------------------------------------------------------------
@@ -387,7 +381,6 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, template, limit: int | 
     p = rec.get("prompt") if isinstance(rec, dict) else rec
     if isinstance(p, str): out.append((p, tokenizer.encode(p, bos=True)))
     elif isinstance(p, list) and p:
-      from .data import record_messages
       msgs = record_messages({"conversations": p}, f"{path} record {i}")
       try: out.append((msgs[-1]["content"], template.encode(msgs, tokenizer)))
       except ValueError as e: raise ValueError(f"{path} record {i}: {e}") from None
@@ -409,6 +402,7 @@ def _rl_setup(o: RLOptions, rows_per_iteration: int):
   for name in ("iterations", "prompts_per_iteration", "max_new_tokens", "epochs"):
     if getattr(o, name) < 1: raise ValueError(f"{name} must be at least 1, got {getattr(o, name)}")
   mb = o.train.get("batch_size", 8)
+  if o.train.get("grad_accum", 1) != 1: raise ValueError("PPO/GRPO update on whole minibatches: leave grad_accum at 1")
   if rows_per_iteration % mb: raise ValueError(f"the {rows_per_iteration} completions of an iteration must split into "
                                                f"minibatches of --batch-size {mb}")
   steps = o.iterations * o.epochs * (rows_per_iteration // mb)
