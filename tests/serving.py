@@ -29,7 +29,7 @@ class Server:
     from tinyllama2.devices import USER_DEV, child_env
     # the device a user's server gets (their DEV, else the CPU): once tinygrad has picked a default device it
     # writes it into this process's DEV, which the server would inherit
-    env = dict(child_env(USER_DEV or "CPU"), PYTHONUNBUFFERED="1")
+    env = dict(child_env(USER_DEV or "CPU"), PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")   # a crash prints its stack
     self.proc = subprocess.Popen([sys.executable, "-m", "tinyllama2.cli", "serve", "--port", "0", *args], cwd=REPO,
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     self.stderr: list[str] = []

@@ -29,6 +29,7 @@ from .runtime.replay import Replay, capture_at_first_call
 
 
 SHORT_PREFILL = 8   # prompts (or their unreused rest) shorter than this are fed as decode steps
+HIDDEN_MIN_LENGTH = 64   # the shortest padded chunk hidden_states runs
 
 
 @dataclass
@@ -77,7 +78,8 @@ class Decoder:
     self._batch_jit = TinyJit(lambda toks, pos, bias: model.decode_batch(toks, pos, bias, self._row_caches).realize())
     self._reorder_jit = TinyJit(self._reorder)
     self._prefill_jits: dict[int, TinyJit] = {}      # by padded chunk length
-    self._hidden_jits: dict[int, TinyJit] = {}   # cache-free forward passes, by padded length
+    self._hidden_jits: dict[int, TinyJit] = {}   # prefills returning hidden states, by padded length
+    self._free_hidden_jits: dict[int, TinyJit] = {}   # cache-free forward passes, by padded length
 
   # ---- caches and compiled graphs ----------------------------------------------------------------
   def slot_caches(self) -> list[KVCache]:
@@ -106,6 +108,7 @@ class Decoder:
     self._reorder_jit.reset()
     self._prefill_jits.clear()
     self._hidden_jits.clear()
+    self._free_hidden_jits.clear()
     self._version = self.model.version
     self.held = [[] for _ in range(self.slots)]   # keys and values of older weights
     self._reusable = [True] * self.slots
@@ -228,18 +231,52 @@ class Decoder:
     self.held[slot], self.prefilled = ids, self.prefilled + len(ids) - begin
     return to_numpy(logits)[0]
 
-  def hidden_states(self, ids: Sequence[int]) -> np.ndarray:
-    """The final-norm hidden states [len(ids), dim] float32 of a cache-free forward pass from position 0, padded to
-    a power of two so that one captured graph serves every length up to it (attention is causal: padding after
-    the tokens changes nothing before them)."""
-    self._fresh()
+  def hidden_states(self, ids: Sequence[int], slot: int | None) -> np.ndarray:
+    """The final-norm hidden states [len(ids), dim] float32 of ids from position 0, prefilled into `slot` (which
+    then holds them) in chunks padded to a power of two (at least HIDDEN_MIN_LENGTH: fewer graphs to capture
+    when many texts are embedded), each a captured graph as in a prefill. slot None: a cache-free forward pass
+    padded alike (tinygrad's graph, ~4x slower; the caches are untouched) for when requests hold every slot."""
+    if not len(ids): raise ValueError("the input is empty: at least one token (e.g. BOS) is needed")
     self.check_length(len(ids))
-    size = min(1 << (len(ids) - 1).bit_length(), self.model.max_seq_len)
-    if size not in self._hidden_jits:
+    self._fresh()
+    ids = [int(i) for i in ids]
+    if slot is None: return self._cache_free_hidden(ids)
+    rope = self.model.prompt_rope(len(ids))
+    self._slot_view(slot)   # checks the slot
+    out = []
+    for start in range(0, len(ids), self.prefill_chunk):
+      piece = ids[start:start + self.prefill_chunk]
+      if rope is not None:   # dynamic NTK past the trained context: eager, as prefill does
+        toks = Tensor([piece], dtype="int32", device=self.model.device)
+        h = self.model.forward_hidden(self.model.embed(toks), self.pos_var.bind(start), self._slot_view(slot), rope=rope)
+      else:
+        length = min(self._padded(len(piece)), self.model.max_seq_len - start)
+        toks = Tensor([piece + [0] * (length - len(piece))], dtype="int32", device=self.model.device)
+        h = self._hidden_jit(length)(toks, self.pos_var.bind(start), self.slot_var.bind(slot))
+      out.append(to_numpy(h.float())[0, :len(piece)])
+    self.held[slot], self.prefilled, self._reusable[slot] = ids, self.prefilled + len(ids), rope is None
+    return np.concatenate(out)
+
+  def _padded(self, n: int) -> int:
+    return min(self.prefill_chunk, max(HIDDEN_MIN_LENGTH, 1 << (n - 1).bit_length()))
+
+  def _hidden_jit(self, length: int) -> TinyJit:
+    if length not in self._hidden_jits:
+      def hidden(toks: Tensor, pos: UOp, slot: UOp) -> Tensor:
+        caches = [c.row(slot) for c in self.slot_caches()]
+        return self.model.forward_hidden(self.model.embed(toks), pos, caches).float().realize()
+      self._hidden_jits[length] = capture_at_first_call(TinyJit(hidden))
+    return self._hidden_jits[length]
+
+  def _cache_free_hidden(self, ids: list[int]) -> np.ndarray:
+    """Padded to a power of two so that one captured graph serves every length up to it (attention is causal:
+    padding after the tokens changes nothing before them)."""
+    size = min(max(HIDDEN_MIN_LENGTH, 1 << (len(ids) - 1).bit_length()), self.model.max_seq_len)
+    if size not in self._free_hidden_jits:
       forward = lambda toks: self.model.forward_hidden(self.model.embed(toks), 0, None).float().realize()
-      self._hidden_jits[size] = capture_at_first_call(TinyJit(forward))
-    toks = Tensor([[int(i) for i in ids] + [0] * (size - len(ids))], dtype="int32", device=self.model.device)
-    return to_numpy(self._hidden_jits[size](toks))[0, :len(ids)]
+      self._free_hidden_jits[size] = capture_at_first_call(TinyJit(forward))
+    toks = Tensor([ids + [0] * (size - len(ids))], dtype="int32", device=self.model.device)
+    return to_numpy(self._free_hidden_jits[size](toks))[0, :len(ids)]
 
   def _check_feed(self, token: int, pos: int, slot: int) -> None:
     self.check_length(pos + 1)

@@ -133,12 +133,16 @@ class Engine:
     with self.decoder.lock: yield self.decoder
 
   @contextlib.contextmanager
-  def exclusive_slot(self) -> Iterator[tuple[Decoder, int]]:
-    """The decoder to oneself and a slot no request holds (waiting for one to free up if all are busy)."""
+  def exclusive_slot(self, wait: bool = True) -> Iterator[tuple[Decoder, int | None]]:
+    """The decoder to oneself and a slot no request holds (waiting for one to free up if all are busy; with
+    wait=False the slot is None then)."""
     with self._cv:
-      while not (free := self._free_slots()): self._cv.wait()
-      slot = free[-1]   # the highest-numbered: the one requests take last
-      self._reserved.add(slot)
+      while not (free := self._free_slots()) and wait: self._cv.wait()
+      slot = free[-1] if free else None   # the highest-numbered: the one requests take last
+      if slot is not None: self._reserved.add(slot)
+    if slot is None:
+      with self.decoder.lock: yield self.decoder, None
+      return
     try:
       with self.decoder.lock: yield self.decoder, slot
     finally:

@@ -199,12 +199,14 @@ class Llama:
 
   def embed(self, inputs: Sequence[str | Sequence[int]]) -> np.ndarray:
     """Sentence embeddings [len(inputs), dim] float32: the final-norm hidden states of each input (text or ids)
-    averaged over its tokens and L2-normalised."""
+    averaged over its tokens and L2-normalised. Computed in a free slot between decode steps, or without one
+    (slower) when requests hold every slot."""
     out = np.zeros((len(inputs), self.args.dim), dtype=np.float32)
     for i, x in enumerate(inputs):
       ids = self._prompt_ids(x)
       if not ids: raise ValueError(f"input {i} is empty")
-      with self.engine.exclusive() as decoder: out[i] = decoder.hidden_states(ids).mean(0)   # between decode steps
+      self.decoder.check_length(len(ids))
+      with self.engine.exclusive_slot(wait=False) as (decoder, slot): out[i] = decoder.hidden_states(ids, slot).mean(0)
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
   def reward(self, inputs: Sequence[str | Sequence[int] | list[dict]], batch_size: int = 8) -> np.ndarray:

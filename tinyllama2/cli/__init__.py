@@ -12,9 +12,9 @@ import traceback
 import warnings
 from typing import Callable, Iterator, NoReturn
 
-from . import bench, chat, convert, dpo, finetune, generate, grpo, merge, ppo, pretrain, rm, serve, tune, vocab
+from . import bench, chat, convert, dpo, finetune, generate, grpo, merge, ppo, pretrain, rag, rm, serve, tune, vocab
 
-COMMANDS = (generate, chat, serve, convert, bench, tune, pretrain, finetune, rm, dpo, ppo, grpo, merge, vocab)   # in --help order
+COMMANDS = (generate, chat, serve, rag, convert, bench, tune, pretrain, finetune, rm, dpo, ppo, grpo, merge, vocab)   # in --help order
 USER_ERRORS = (ValueError, OSError, MemoryError)   # OSError: FileNotFoundError, PermissionError, IsADirectoryError, ...
 BUG_HINT = "this is a bug, please report it; rerun with --debug for the traceback"
 
