@@ -1,17 +1,22 @@
 """Training throughput: tokens/s of a train step (forward, backward, AdamW) for full fine-tuning and LoRA.
 
-  python bench/train_speed.py --shape stories15M --seq-len 256 --batch-size 4 [--device CL]
-Random weights of a preset shape; the first steps compile and are not counted.
+  python bench/train_speed.py --shape stories15M --seq-len 256 --batch-size 4 [--device CL] [--torch python3]
+Random weights of a preset shape; the first steps compile and are not counted. --torch PYTHON times the same step
+in transformers (+ peft for LoRA) on PyTorch after each of ours (bench/torch_train_step.py) and prints the ratio.
 """
 import argparse
+import json
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from tinyllama2 import Transformer, lora
 from tinyllama2.cli import run_cli
-from tinyllama2.config import PRESETS
+from tinyllama2.config import PRESETS, to_hf_config
+from tinyllama2.runtime import cpu_threads
 from tinyllama2.train import Blocks, TrainConfig, Trainer
 
 
@@ -30,11 +35,28 @@ def tokens_per_s(shape: str, mode: str, seq_len: int, batch: int, steps: int, de
   return steps * batch * seq_len / (time.perf_counter() - t0)
 
 
+def torch_tokens_per_s(python: str, shape: str, mode: str, seq_len: int, batch: int, steps: int) -> float:
+  """The same step in transformers (+ peft) on PyTorch, run by `python` (bench/torch_train_step.py)."""
+  config = dict(to_hf_config(PRESETS[shape].replace(max_position_embeddings=max(seq_len, 1))), use_cache=False)
+  script = Path(__file__).with_name("torch_train_step.py")
+  cmd = [python, str(script), json.dumps(config), "--mode", mode, "--seq-len", str(seq_len), "--batch-size",
+         str(batch), "--steps", str(steps), "--threads", str(cpu_threads.config.threads)]
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  if done.returncode != 0:
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    raise ValueError(f"--torch {python}: the PyTorch step failed: {last}")
+  return float(json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"])
+
+
 def main(a: argparse.Namespace) -> None:
-  print("shape | mode | seq_len | batch | train tokens/s")
+  print("shape | mode | seq_len | batch | train tokens/s" + (" | PyTorch tokens/s | ratio" if a.torch else ""))
   for mode in ("full", "lora"):
     tps = tokens_per_s(a.shape, mode, a.seq_len, a.batch_size, a.steps, a.device)
-    print(f"{a.shape} | {mode} | {a.seq_len} | {a.batch_size} | {tps:.0f}", flush=True)
+    row = f"{a.shape} | {mode} | {a.seq_len} | {a.batch_size} | {tps:.0f}"
+    if a.torch:   # measured right after ours, in the same run: the machine's speed drifts
+      ref = torch_tokens_per_s(a.torch, a.shape, mode, a.seq_len, a.batch_size, a.steps)
+      row += f" | {ref:.0f} | {tps / ref:.2f}x"
+    print(row, flush=True)
 
 
 if __name__ == "__main__":
@@ -44,4 +66,6 @@ if __name__ == "__main__":
   p.add_argument("--batch-size", type=int, default=4, help="rows per step")
   p.add_argument("--steps", type=int, default=3, help="timed steps")
   p.add_argument("--device", help="tinygrad device (default: $DEV, else CPU)")
+  p.add_argument("--torch", metavar="PYTHON", help="also time the same step in transformers (+ peft) on PyTorch, run "
+                                                   "by this interpreter (e.g. python3), and print the ratio")
   sys.exit(run_cli(main, p.parse_args()))

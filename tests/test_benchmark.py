@@ -94,3 +94,22 @@ def test_bench_concurrency_runs_each_level_and_compares_with_one_stream():
              for r in rows)
   bad = subprocess.run([sys.executable, "-m", "tinyllama2.cli", "bench", "--concurrency", "0,2"], capture_output=True, text=True)
   assert bad.returncode == 2 and "positive integers" in bad.stderr
+
+
+def test_torch_reference_train_step_runs():
+  """bench/torch_train_step.py (train_speed.py --torch's reference) trains a tiny transformers Llama and reports
+  its tokens/s."""
+  pytest.importorskip("torch", reason="the PyTorch reference needs torch and transformers (the dev extra)")
+  pytest.importorskip("transformers", reason="the PyTorch reference needs torch and transformers (the dev extra)")
+  import json
+  import subprocess
+  import sys
+  from pathlib import Path
+  from tinyllama2.config import to_hf_config
+  args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=64, hidden_dim=48, max_position_embeddings=16)
+  script = Path(__file__).resolve().parents[1] / "bench" / "torch_train_step.py"
+  done = subprocess.run([sys.executable, str(script), json.dumps(to_hf_config(args)), "--seq-len", "16",
+                         "--batch-size", "2", "--steps", "2", "--threads", "1"], capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"] > 0
