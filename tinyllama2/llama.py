@@ -62,7 +62,8 @@ class Llama:
   def from_pretrained(cls, path: str | Path, tokenizer: str | Path | None = None, device: str | None = None,
                       dtype: str | DType | None = None, max_seq_len: int | None = None,
                       rope_scaling: dict | None = None, quantize: str | None = None, adapter: str | None = None,
-                      slots: int | None = None) -> Llama:
+                      slots: int | None = None, devices: Sequence[str] | str | None = None) -> Llama:
+    """`devices` (two or more, e.g. ["CPU:0", "CPU:1"]): the model split over them, tensor parallel (parallel.py)."""
     from .quantize import MODES, load_prequantized, quantize_model
     if quantize is not None and quantize not in MODES:
       raise ValueError(f"unknown quantize={quantize!r}; use one of {', '.join(MODES)}")
@@ -73,6 +74,11 @@ class Llama:
     if slots is not None and (not isinstance(slots, (int, np.integer)) or slots <= 0):
       raise ValueError(f"slots must be a positive integer (sequences generated at once), got {slots!r}")
     if dtype is not None: resolve_dtype(dtype)
+    if devices is not None:
+      from .parallel import parse_devices
+      if device is not None: raise ValueError("pass device= or devices=, not both")
+      devices = parse_devices(devices)
+      device = devices[0]
     device = resolve_device(device)   # a device that does not work here fails before the weights are read
     if adapter is not None:
       from .lora import check_adapter_dir
@@ -103,6 +109,10 @@ class Llama:
       lora.load_adapter(model, adapter)
       lora.merge(model)
     if quantize is not None: quantize_model(model, quantize)
+    if devices is not None:
+      if score_w is not None: raise ValueError("a reward model runs on one device: use device=, not devices=")
+      from .parallel import shard_model
+      shard_model(model, devices)
     score = None
     if score_w is not None:
       if score_w.shape != (1, args.dim):

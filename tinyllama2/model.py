@@ -33,6 +33,11 @@ class RMSNorm:
     return (xf * (xf.square().mean(-1, keepdim=True) + self.eps).rsqrt()).cast(x.dtype) * self.weight
 
 
+def _zeros(shape: tuple[int, ...], dtype: DType, device: Device, shard_axis: int | None) -> Tensor:
+  if isinstance(device, str): return Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize()
+  return Tensor.zeros(*shape, dtype=dtype, device=device[0]).contiguous().shard(device, axis=shard_axis).realize()
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   """Rotate interleaved pairs (2i, 2i+1) of x [B, T, H, D] by the angles of cos/sin [T, D/2]."""
   B, T, H, D = x.shape
@@ -52,15 +57,20 @@ class RopeTables:
     self.cos, self.sin = Tensor(cos, device=device).realize(), Tensor(sin, device=device).realize()
 
 
+Device = str | tuple[str, ...]   # one device, or the devices a sharded model spreads over (parallel.py)
+
+
 class KVCache:
   """Keys and values of one layer, [rows, n_kv_heads, max_seq_len, head_dim], allocated once; a forward pass over a
-  batch of B sequences uses rows first..first+B (`row`: one sequence's view of a cache of many). __slots__, so that
+  batch of B sequences uses rows first..first+B (`row`: one sequence's view of a cache of many). On several devices
+  each holds a copy, or with split_heads a share of the key/value heads (tensor parallel). __slots__, so that
   tinygrad's get_state_dict does not mistake the cache for parameters."""
   __slots__ = ("k", "v", "first")
 
-  def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: DType, device: str):
-    self.k = Tensor.zeros(batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype, device=device).contiguous().realize()
-    self.v = Tensor.zeros(batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype, device=device).contiguous().realize()
+  def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: DType, device: Device,
+               split_heads: bool = False):
+    shape = (batch, n_kv_heads, max_seq_len, head_dim)
+    self.k, self.v = (_zeros(shape, dtype, device, 1 if split_heads else None) for _ in range(2))
     self.first = 0
 
   def row(self, first: int | UOp) -> KVCache:
@@ -145,7 +155,7 @@ class Transformer:
   def __init__(self, args: ModelArgs, max_seq_len: int | None = None, dtype: DType = dtypes.float32,
                device: str | None = None, linear: LinearFactory | None = None):
     self.args, self.dtype = args, dtype
-    self.device = resolve_device(device)
+    self.device: Device = resolve_device(device)   # a tuple once sharded over several (parallel.py)
     self.max_seq_len = max_seq_len or args.default_max_seq_len()
     linear = linear or (lambda n_in, n_out: Linear.empty(n_in, n_out, dtype, self.device))
     self.tok_embeddings = Linear.empty(args.dim, args.vocab_size, dtype, self.device)  # rows are embeddings: [vocab, dim]
@@ -154,6 +164,7 @@ class Transformer:
     self.output = None if args.tie_embeddings else linear(args.dim, args.vocab_size)
     self.rope = RopeTables(args, self.max_seq_len, self.device)
     self.quantization: str | None = None   # set by quantize.quantize_model
+    self.kv_split = False                  # KV caches split by heads over the devices (parallel.shard_model)
     self.version = 0                       # bumped by weights_changed()
 
   @property
@@ -167,7 +178,8 @@ class Transformer:
 
   def new_caches(self, batch: int) -> list[KVCache]:
     a = self.args
-    return [KVCache(batch, a.n_kv_heads, self.max_seq_len, a.head_dim, self.dtype, self.device) for _ in range(a.n_layers)]
+    return [KVCache(batch, a.n_kv_heads, self.max_seq_len, a.head_dim, self.dtype, self.device, self.kv_split)
+            for _ in range(a.n_layers)]
 
   # ---- parameters -------------------------------------------------------------------------------
   def state_dict(self) -> dict[str, Tensor]:

@@ -50,6 +50,8 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
   p.add_argument("--tokenizer", help="tokenizer.model path when it is not beside the weights")
   p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory to apply")
   p.add_argument("--device", help="tinygrad device, e.g. CPU, CL, CUDA, METAL (default: $DEV, else CPU)")
+  p.add_argument("--devices", help="split the model over these devices (tensor parallel), e.g. CPU:0,CPU:1 or "
+                                   "CUDA:0,CUDA:1")
   p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: as stored)")
   p.add_argument("--max-seq-len", type=int_flag(1), help="context length (default: the checkpoint's trained context)")
   p.add_argument("--rope-scaling", help="override RoPE scaling: TYPE:FACTOR (linear, dynamic, llama3, yarn) or JSON")
@@ -88,9 +90,14 @@ def load_model(a: argparse.Namespace):
   from ..devices import resolve_device
   from ..llama import Llama
   from ..runtime import cpu_threads
-  resolve_device(a.device)   # a device that does not work here is an error before the weights are read
+  devices = getattr(a, "devices", None)
+  if devices is not None:   # devices that do not work here are an error before the weights are read
+    from ..parallel import parse_devices
+    if a.device: raise ValueError("pass --device or --devices, not both")
+    devices = parse_devices(devices)
+  else: resolve_device(a.device)
   if getattr(a, "threads", None) is not None: cpu_threads.set_threads(a.threads)
-  llm = Llama.from_pretrained(a.model, tokenizer=a.tokenizer, device=a.device, dtype=a.dtype,
+  llm = Llama.from_pretrained(a.model, tokenizer=a.tokenizer, device=a.device, devices=devices, dtype=a.dtype,
                               max_seq_len=a.max_seq_len, rope_scaling=parse_rope_scaling(a.rope_scaling),
                               quantize=getattr(a, "quantize", None), adapter=getattr(a, "adapter", None),
                               slots=getattr(a, "slots", None))
@@ -114,6 +121,8 @@ def add_train_args(p: argparse.ArgumentParser, steps: int, lr: float, batch: int
   p.add_argument("--out", required=out_required, help="output folder (checkpoints, metrics, the trained model)")
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
   p.add_argument("--device", help="tinygrad device (default: $DEV, else CPU)")
+  p.add_argument("--devices", help="data-parallel training over these devices, e.g. CPU:0,CPU:1: each batch split "
+                                   "between them, the weights copied to each")
 
 
 def train_config_kwargs(a: argparse.Namespace) -> dict:

@@ -40,7 +40,7 @@ def finetune_options(a: argparse.Namespace, cls: type | None = None, **extra):
     model=a.model, data=a.data, out=a.out, format=getattr(a, "format", "auto"), tokenizer=a.tokenizer,
     template=a.template, lora=not a.full, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
     target_modules=[m.strip() for m in a.target_modules.split(",") if m.strip()], freeze=a.freeze,
-    freeze_layers=a.freeze_layers, seq_len=a.seq_len, limit=a.limit, device=a.device, resume=a.resume,
+    freeze_layers=a.freeze_layers, seq_len=a.seq_len, limit=a.limit, device=a.device, devices=a.devices, resume=a.resume,
     train=train_config_kwargs(a), **extra)
 
 

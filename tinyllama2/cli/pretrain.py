@@ -24,7 +24,7 @@ def pretrain_options(a: argparse.Namespace):
   from ..train.recipes import PretrainOptions
   return PretrainOptions(data=a.data, out=a.out, preset=a.config, dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads,
                          n_kv_heads=a.n_kv_heads, vocab_size=a.vocab_size, tokenizer=a.tokenizer, seq_len=a.seq_len,
-                         device=a.device, resume=a.resume, train=train_config_kwargs(a))
+                         device=a.device, devices=a.devices, resume=a.resume, train=train_config_kwargs(a))
 
 
 def main(a: argparse.Namespace) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from ..checkpoint import hf
 from ..config import PRESETS, ModelArgs
 from ..model import Transformer
+from ..parallel import replicate_model
 from ..tokenizer import Llama2ChatTemplate, PlainTemplate, Tokenizer
 from ..fileio import check_writable, user_entries
 from .data import BatchOrder, json_layout, load_records, record_messages, sft_blocks, text_blocks
@@ -61,6 +62,19 @@ def _check_out(out: Path, resume: bool) -> None:
   check_writable(out, "--out")
 
 
+def _placement(o, cfg: TrainConfig) -> tuple[str, tuple[str, ...] | None]:
+  """(the device the model is loaded on, the devices of data-parallel training or None)."""
+  from ..devices import resolve_device
+  from ..parallel import parse_devices
+  if not o.devices: return resolve_device(o.device), None
+  if o.device: raise ValueError("pass --device or --devices, not both")
+  devices = parse_devices(o.devices)
+  if cfg.batch_size % len(devices):
+    raise ValueError(f"--batch-size {cfg.batch_size} cannot be split evenly over {len(devices)} devices: use a "
+                     f"multiple of {len(devices)}")
+  return devices[0], devices
+
+
 # ---- pretraining --------------------------------------------------------------------------------
 @dataclass
 class PretrainOptions:
@@ -77,6 +91,7 @@ class PretrainOptions:
   seq_len: int = 256
   val_fraction: float = 0.02
   device: str | None = None
+  devices: str | list[str] | None = None     # data-parallel training over these (each batch split between them)
   resume: bool = False
   train: dict = field(default_factory=dict)  # TrainConfig fields
 
@@ -92,14 +107,13 @@ def pretrain_model_args(o: PretrainOptions, vocab_size: int) -> ModelArgs:
 def pretrain(o: PretrainOptions, progress: bool = True) -> Trainer:
   """Train a tokenizer on the corpus (unless one is given), then a Llama from scratch; export to OUT/model."""
   from ..vocab import train_vocab
-  from ..devices import resolve_device
   out = Path(o.out)
   _check_out(out, o.resume)
-  device = resolve_device(o.device)
   for p in map(Path, o.data):
     if not p.is_file(): raise FileNotFoundError(f"training data not found: {p}")
   cfg = TrainConfig(out_dir=str(out), **o.train)
   cfg.validate()
+  device, devices = _placement(o, cfg)
   check_training_memory(pretrain_model_args(o, o.vocab_size), cfg.batch_size, o.seq_len, device)
   tok_path = Path(o.tokenizer) if o.tokenizer else out / "tokenizer.model"
   if not tok_path.is_file():
@@ -110,6 +124,7 @@ def pretrain(o: PretrainOptions, progress: bool = True) -> Trainer:
   train, val = text_blocks(o.data, tok, o.seq_len).split(o.val_fraction)
   model = Transformer(args, max_seq_len=o.seq_len, device=device)
   model.init_random(seed=cfg.seed)
+  if devices: replicate_model(model, devices)
   trainer = Trainer(model, model.state_dict(), train, val, cfg, on_save=lambda _: export_hf(model, out / "model", tok))
   if o.resume and trainer.resume() and progress: print(f"resumed at step {trainer.step}")
   if progress: print(f"model: {args.n_params() / 1e6:.2f}M parameters; {len(train)} training blocks of {o.seq_len} "
@@ -138,6 +153,7 @@ class FinetuneOptions:
   val_fraction: float = 0.05
   limit: int | None = None                    # use only the first N records
   device: str | None = None
+  devices: str | list[str] | None = None      # data-parallel training over these (each batch split between them)
   resume: bool = False
   train: dict = field(default_factory=dict)
 
@@ -171,12 +187,10 @@ def frozen_names(names: list[str], patterns: list[str], first_layers: int) -> se
 
 def _finetune_checks(o: FinetuneOptions, progress: bool):
   """Everything that can fail before the model loads: output folder, device, data format, settings, memory.
-  Returns (device, format, TrainConfig, LoraConfig or None)."""
+  Returns (device, data-parallel devices or None, format, TrainConfig, LoraConfig or None)."""
   from .. import lora
   from ..checkpoint import load_checkpoint
-  from ..devices import resolve_device
   _check_out(Path(o.out), o.resume)
-  device = resolve_device(o.device)
   if o.format not in ("auto", "alpaca", "sharegpt", "text"):
     raise ValueError(f"unknown --format {o.format!r} (auto, alpaca, sharegpt or text)")
   data = Path(o.data)
@@ -185,10 +199,11 @@ def _finetune_checks(o: FinetuneOptions, progress: bool):
   if progress and found: print(f"data: {data} is {found} (--format auto; pass --format to choose)")
   cfg = TrainConfig(out_dir=str(o.out), **o.train)
   cfg.validate()
+  device, devices = _placement(o, cfg)
   lcfg = lora.LoraConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout, target_modules=o.target_modules) \
     if o.lora else None
   check_training_memory(load_checkpoint(o.model).args, cfg.batch_size, o.seq_len, device)
-  return device, fmt, cfg, lcfg
+  return device, devices, fmt, cfg, lcfg
 
 
 def finetune(o: FinetuneOptions, progress: bool = True) -> Trainer:
@@ -196,13 +211,14 @@ def finetune(o: FinetuneOptions, progress: bool = True) -> Trainer:
   from .. import lora
   from ..llama import Llama
   out = Path(o.out)
-  device, fmt, cfg, lcfg = _finetune_checks(o, progress)
+  device, devices, fmt, cfg, lcfg = _finetune_checks(o, progress)
   llm = Llama.from_pretrained(o.model, tokenizer=o.tokenizer, device=device, dtype="float32", max_seq_len=o.seq_len)
   tok, model = llm.tokenizer, llm.model
   if fmt == "text": blocks = text_blocks([o.data], tok, o.seq_len)
   else: blocks = sft_blocks(o.data, tok, o.seq_len, Llama2ChatTemplate() if o.template == "llama2" else PlainTemplate(), o.limit)
   train, val = blocks.split(o.val_fraction)
   params = _trainable(model, o, lcfg, cfg.seed)
+  if devices: replicate_model(model, devices)
   if o.lora:
     def on_save(_): lora.save_adapter(model, out / "adapter", lcfg, base_model=str(o.model))
   else:
@@ -231,14 +247,16 @@ def _preference_setup(o: FinetuneOptions, max_seq_len: int, progress: bool):
   (train, held-out). Returns (llm, cfg, lora config or None, train pairs, held-out pairs)."""
   from .. import lora
   from ..checkpoint import load_checkpoint
-  from ..devices import resolve_device
   from ..llama import Llama
   from .data import preference_pairs
   _check_out(Path(o.out), o.resume)
-  device = resolve_device(o.device)
   if not Path(o.data).is_file(): raise FileNotFoundError(f"preference data not found: {o.data}")
   cfg = TrainConfig(out_dir=str(o.out), **o.train)
   cfg.validate()
+  if o.devices:   # their objectives concatenate chosen and rejected rows along the batch axis the devices split
+    raise ValueError("--devices: data-parallel training is for pretrain and finetune; run rm and dpo on one device "
+                     "(--device)")
+  device, _ = _placement(o, cfg)
   lcfg = lora.LoraConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout, target_modules=o.target_modules) \
     if o.lora else None
   check_training_memory(load_checkpoint(o.model).args, 2 * cfg.batch_size, o.seq_len + 1, device)

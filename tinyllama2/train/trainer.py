@@ -27,6 +27,7 @@ from ..checkpoint import safetensors
 from ..config import ModelArgs
 from ..fileio import atomic_write, write_text
 from ..model import Transformer
+from ..parallel import shard_rows
 from ..runtime import rng
 from .data import BatchOrder
 from .losses import lm_loss
@@ -174,6 +175,8 @@ class Trainer:
 
   # ---- loop -------------------------------------------------------------------------------------
   def _batch(self, data: Dataset, rows: np.ndarray) -> list[Tensor]:
+    """The rows on the device, or split over the devices of a data-parallel model (parallel.replicate_model)."""
+    if isinstance(self.device, tuple): return [shard_rows(a, self.device) for a in data.rows(rows)]
     return [Tensor(a, device=self.device) for a in data.rows(rows)]
 
   def _named(self, values: list[np.ndarray], prefix: str = "") -> dict[str, float]:
