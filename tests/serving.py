@@ -34,11 +34,12 @@ class Server:
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     self.stderr: list[str] = []
     threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
-    line = self.proc.stdout.readline()
+    lines = []   # the address comes in the first line starting with "tinyllama2: listening" (Ray may print first)
+    while (line := self.proc.stdout.readline()) and not line.startswith("tinyllama2: listening"): lines.append(line)
     m = re.search(r"http://([\d.]+):(\d+)", line)
     if not m:
       self.proc.kill()
-      raise RuntimeError(f"the server did not start: {line!r} {''.join(self.stderr)}")
+      raise RuntimeError(f"the server did not start: {''.join(lines) + line!r} {''.join(self.stderr)}")
     self.url = f"http://{m.group(1)}:{m.group(2)}"
     deadline = time.time() + timeout
     while ready and time.time() < deadline:

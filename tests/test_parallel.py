@@ -160,9 +160,43 @@ def test_data_parallel_batch_must_split_evenly(tmp_path, corpus):
   assert not (tmp_path / "odd" / "checkpoints").exists()
 
 
-def test_preference_training_refuses_devices(tmp_path):
-  from tinyllama2.train.recipes import DPOOptions, train_dpo
-  need(SHARED / "preference" / "dpo_en_demo.json")
-  o = DPOOptions(model=str(DEFAULT_MODEL), data=str(SHARED / "preference" / "dpo_en_demo.json"),
-                 out=str(tmp_path / "dpo"), devices="CPU:0,CPU:1")
-  with pytest.raises(ValueError, match="run rm and dpo on one device"): train_dpo(o, progress=False)
+@pytest.mark.slow
+def test_dpo_objective_on_split_batches_equals_one_device():
+  """DPO's loss and metrics on a batch of 4 pairs, 2 on each device, equal one device's (the gradients' all-reduce
+  is the pretraining test's)."""
+  from tinygrad import Tensor
+  from tinyllama2 import ops
+  from tinyllama2.parallel import replicate_model, shard_rows
+  from tinyllama2.train.align import DirectPreference, DPOConfig
+  args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=64, hidden_dim=64, max_position_embeddings=16)
+  rng = np.random.default_rng(0)
+  tokens = lambda: rng.integers(0, 64, (4, 9)).astype(np.int32)
+  weights = lambda: (rng.random((4, 8)) < 0.7).astype(np.float32)
+  batch = (tokens(), weights(), tokens(), weights(), rng.normal(-20, 2, 4).astype(np.float32),
+           rng.normal(-20, 2, 4).astype(np.float32))
+
+  def values(devices):
+    model = Transformer(args, max_seq_len=16)
+    model.init_random(seed=1, std=0.2)
+    if devices: replicate_model(model, devices)
+    objective = DirectPreference(model, DPOConfig(beta=0.1))
+    with ops.training_graph():
+      rows = [shard_rows(a, devices) if devices else Tensor(a, device=model.device) for a in batch]
+      return objective(*rows).numpy()
+  np.testing.assert_allclose(values(SPLIT), values(None), rtol=0, atol=1e-5)
+
+
+def test_pairs_stay_together_on_split_batches():
+  """DPO's and the reward model's batches put each pair's chosen and rejected rows side by side, so a batch split
+  over devices keeps every pair on one device; the values come apart again as chosen, rejected."""
+  from tinygrad import Tensor
+  from tinyllama2.train.align import pair_rows, split_pairs
+  c, r = np.arange(24, dtype=np.float32).reshape(4, 6), -np.arange(24, dtype=np.float32).reshape(4, 6) - 1
+  for device in ("CPU", SPLIT):
+    place = (lambda a: Tensor(a, device="CPU").shard(SPLIT, axis=0)) if device == SPLIT else \
+      (lambda a: Tensor(a, device="CPU"))
+    rows = pair_rows(place(c), place(r))
+    np.testing.assert_array_equal(rows.numpy(), np.stack([c, r], 1).reshape(8, 6))
+    chosen, rejected = split_pairs(rows.sum(-1))
+    np.testing.assert_array_equal(chosen.numpy(), c.sum(-1))
+    np.testing.assert_array_equal(rejected.numpy(), r.sum(-1))

@@ -31,6 +31,18 @@ class RewardRows:
     return p.chosen.tokens[index], p.chosen_last[index], p.rejected.tokens[index], p.rejected_last[index], p.margin[index]
 
 
+def pair_rows(chosen: Tensor, rejected: Tensor) -> Tensor:
+  """Chosen and rejected rows [B, ...] as one batch [2B, ...] with each pair's two rows side by side (c0, r0, c1, r1,
+  ...): split over devices along its first axis (data parallel), a batch keeps each pair on one device."""
+  return Tensor.stack(chosen, rejected, dim=1).reshape(-1, *chosen.shape[1:])
+
+
+def split_pairs(values: Tensor) -> tuple[Tensor, Tensor]:
+  """Values [2B] of pair_rows' rows → (chosen [B], rejected [B])."""
+  pairs = values.reshape(-1, 2)
+  return pairs[:, 0], pairs[:, 1]
+
+
 class RewardModeling:
   """trl's RewardTrainer loss on (chosen, rejected) scores; logs accuracy (chosen scored higher), the mean margin
   r_chosen - r_rejected and the mean scores."""
@@ -40,9 +52,8 @@ class RewardModeling:
     self.model, self.score, self.center = model, score, center_rewards_coefficient
 
   def __call__(self, chosen: Tensor, chosen_last: Tensor, rejected: Tensor, rejected_last: Tensor, margin: Tensor) -> Tensor:
-    b = chosen.shape[0]
-    r = last_token_scores(self.model, self.score, chosen.cat(rejected), chosen_last.cat(rejected_last))
-    rc, rr = r[:b], r[b:]
+    rc, rr = split_pairs(last_token_scores(self.model, self.score, pair_rows(chosen, rejected),
+                                           pair_rows(chosen_last, rejected_last)))
     loss = reward_loss(rc, rr, margin.float(), self.center)
     return Tensor.stack(loss, (rc > rr).float().mean(), (rc - rr).mean(), rc.mean(), rr.mean())
 
@@ -68,17 +79,18 @@ def sequence_logprobs(model: Transformer, tokens: Tensor, weights: Tensor) -> Te
 
 def reference_logprobs(model: Transformer, pairs: Pairs, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
   """Summed log-probabilities of every pair's chosen and rejected answer under `model` as it is now, for DPO's
-  frozen reference: no gradients, but batched and computed as training computes them (chosen rows then rejected
-  rows, padded to a full batch; the training graph), so a policy still equal to the reference gets the same values."""
+  frozen reference: no gradients, but batched and computed as training computes them (pair_rows' batches padded
+  to a full batch; the training graph), so a policy still equal to the reference gets the same values."""
   n = len(pairs)
   chosen, rejected = np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
   for lo in range(0, n, batch_size):
     idx, k = np.arange(lo, lo + batch_size) % n, min(batch_size, n - lo)
     ct, cw = pairs.chosen.rows(idx)
     rt, rw = pairs.rejected.rows(idx)
-    tokens, weights = (Tensor(np.concatenate(a), device=model.device) for a in ((ct, rt), (cw, rw)))
-    with ops.training_graph(): lp = sequence_logprobs(model, tokens, weights).numpy()
-    chosen[lo:lo + k], rejected[lo:lo + k] = lp[:k], lp[batch_size:batch_size + k]
+    tokens, weights = (pair_rows(Tensor(c, device=model.device), Tensor(r, device=model.device))
+                       for c, r in ((ct, rt), (cw, rw)))
+    with ops.training_graph(): lp = sequence_logprobs(model, tokens, weights).numpy().reshape(-1, 2)
+    chosen[lo:lo + k], rejected[lo:lo + k] = lp[:k, 0], lp[:k, 1]
   return chosen, rejected
 
 
@@ -111,13 +123,13 @@ class DirectPreference:
 
   def __call__(self, chosen: Tensor, chosen_w: Tensor, rejected: Tensor, rejected_w: Tensor, ref_chosen: Tensor,
                ref_rejected: Tensor) -> Tensor:
-    b, w = chosen.shape[0], chosen_w.cat(rejected_w).float()
-    lp = sequence_logprobs(self.model, chosen.cat(rejected), w)
-    ref = ref_chosen.cat(ref_rejected).float()
+    w = pair_rows(chosen_w, rejected_w).float()
+    lp = sequence_logprobs(self.model, pair_rows(chosen, rejected), w)
+    ref = pair_rows(ref_chosen, ref_rejected).float()
     if self.cfg.loss_type == "ipo":   # IPO compares per-token means
       n = w.sum(-1).maximum(1.0)
       lp, ref = lp / n, ref / n
-    pc, pr, rc, rr = lp[:b], lp[b:], ref[:b], ref[b:]
+    (pc, pr), (rc, rr) = split_pairs(lp), split_pairs(ref)
     loss = dpo_loss(pc, pr, rc, rr, self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing).mean()
     reward_c, reward_r = self.cfg.beta * (pc - rc), self.cfg.beta * (pr - rr)
     return Tensor.stack(loss, reward_c.mean(), reward_r.mean(), (reward_c - reward_r).mean(),

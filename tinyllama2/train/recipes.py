@@ -244,7 +244,8 @@ class DPOOptions(FinetuneOptions):
 
 def _preference_setup(o: FinetuneOptions, max_seq_len: int, progress: bool):
   """Checks (output folder, device, data, settings, memory), then the model and the preference pairs split into
-  (train, held-out). Returns (llm, cfg, lora config or None, train pairs, held-out pairs)."""
+  (train, held-out). Returns (llm, cfg, lora config or None, train pairs, held-out pairs, data-parallel devices or
+  None: the model is spread over them once its trainable tensors exist)."""
   from .. import lora
   from ..checkpoint import load_checkpoint
   from ..llama import Llama
@@ -253,10 +254,7 @@ def _preference_setup(o: FinetuneOptions, max_seq_len: int, progress: bool):
   if not Path(o.data).is_file(): raise FileNotFoundError(f"preference data not found: {o.data}")
   cfg = TrainConfig(out_dir=str(o.out), **o.train)
   cfg.validate()
-  if o.devices:   # their objectives concatenate chosen and rejected rows along the batch axis the devices split
-    raise ValueError("--devices: data-parallel training is for pretrain and finetune; run rm and dpo on one device "
-                     "(--device)")
-  device, _ = _placement(o, cfg)
+  device, devices = _placement(o, cfg)
   lcfg = lora.LoraConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout, target_modules=o.target_modules) \
     if o.lora else None
   check_training_memory(load_checkpoint(o.model).args, 2 * cfg.batch_size, o.seq_len + 1, device)
@@ -265,7 +263,7 @@ def _preference_setup(o: FinetuneOptions, max_seq_len: int, progress: bool):
   template = Llama2ChatTemplate() if o.template == "llama2" else PlainTemplate()
   train, val = preference_pairs(o.data, llm.tokenizer, o.seq_len, template, o.limit).split(o.val_fraction)
   if progress: print(f"data: {len(train)} preference pairs for training, {len(val)} held out")
-  return llm, cfg, lcfg, train, val
+  return llm, cfg, lcfg, train, val, devices
 
 
 def _trainable(model: Transformer, o: FinetuneOptions, lcfg, seed: int) -> dict:
@@ -284,11 +282,14 @@ def train_reward_model(o: RewardOptions, progress: bool = True) -> Trainer:
   from .. import reward
   from .align import RewardModeling, RewardRows
   out = Path(o.out)
-  llm, cfg, lcfg, train, val = _preference_setup(o, o.seq_len + 1, progress)
+  llm, cfg, lcfg, train, val, devices = _preference_setup(o, o.seq_len + 1, progress)
   model, tok = llm.model, llm.tokenizer
   params = _trainable(model, o, lcfg, cfg.seed)
   params.pop("output.weight", None)   # the LM head plays no part in a reward
   score = reward.new_score_head(model, seed=cfg.seed)
+  if devices:
+    replicate_model(model, devices)
+    score.weight.replace(score.weight.shard(devices).realize())
   params[reward.SCORE] = score.weight
   objective = RewardModeling(model, score, o.center_rewards_coefficient)
   trainer = Trainer(model, params, RewardRows(train), RewardRows(val), cfg, objective=objective,
@@ -304,10 +305,11 @@ def train_dpo(o: DPOOptions, progress: bool = True) -> Trainer:
   out = Path(o.out)
   dcfg = DPOConfig(o.beta, o.loss_type, o.label_smoothing)
   dcfg.validate()
-  llm, cfg, lcfg, train, val = _preference_setup(o, o.seq_len, progress)
+  llm, cfg, lcfg, train, val, devices = _preference_setup(o, o.seq_len, progress)
   model, tok = llm.model, llm.tokenizer
   ref = _reference(model, train, val, out / "reference_logps.npz", cfg.batch_size, progress)
   params = _trainable(model, o, lcfg, cfg.seed)
+  if devices: replicate_model(model, devices)
   if lcfg is not None:
     def on_save(_): lora.save_adapter(model, out / "adapter", lcfg, base_model=str(o.model))
   else:
