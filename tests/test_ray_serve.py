@@ -51,8 +51,8 @@ def test_two_replicas_on_ray_serve_answer_as_one_server(bundled_server):
       assert text == _ask(one, r)[0], r
     assert len({replica for _, replica in answers if replica}) == 2   # both replicas served
     # a conversation's next turns go to the replica that served its earlier turns
-    for c in range(3):
-      messages, replicas = [{"role": "user", "content": f"Tell me story number {c} about a cat"}], []
+    for opening in ("A cat sat on the mat", "Why is the sky blue", "Lily had a red ball"):
+      messages, replicas = [{"role": "user", "content": opening}], []
       for _ in range(3):
         raw = client.chat.completions.with_raw_response.create(model="bundled", messages=messages, max_tokens=8,
                                                                temperature=0)
@@ -73,3 +73,16 @@ def test_a_missing_model_is_an_error_before_ray_starts(tmp_path):
                         "--port", "0"], capture_output=True, text=True, env=child_env("CPU"), timeout=120)
   assert run.returncode == 1 and run.stderr.strip().splitlines()[-1] == f"error: model not found: {tmp_path / 'none'}"
   assert "Ray" not in run.stderr and "Traceback" not in run.stderr
+
+
+def test_more_replicas_than_the_cluster_holds_is_an_error():
+  """Ray would wait for them forever; a local cluster has this machine's CPUs."""
+  import os
+  import subprocess
+  import sys
+  from tinyllama2.devices import child_env
+  replicas = (os.cpu_count() or 1) + 1
+  run = subprocess.run([sys.executable, "-m", "tinyllama2.cli", "serve", "--ray", "--replicas", str(replicas),
+                        "--port", "0"], capture_output=True, text=True, env=child_env("CPU"), timeout=300)
+  assert run.returncode == 1, run.stderr[-2000:]
+  assert run.stderr.strip().splitlines()[-1].startswith(f"error: --replicas {replicas} x --replica-cpus 1 needs")

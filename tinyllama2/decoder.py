@@ -144,7 +144,8 @@ class Decoder:
     args = (self.tok_var.bind(token), self.pos_var.bind(pos))
     try: return jit(*args)
     except Exception as e:   # the GPU kernels are ours, tinygrad's graph is not: a device that can't build ours decodes
-      if jit.captured is not None or not self.fused or cpu.available(self.model.device): raise
+      if jit.captured is not None or not self.fused or not isinstance(self.model.device, str) or \
+         cpu.available(self.model.device): raise
       warnings.warn(f"the fused decode kernels failed on {self.model.device} ({type(e).__name__}: {str(e)[:300]}); "
                     "decoding with tinygrad's generic kernels instead (slower)", stacklevel=3)
       self.fused = False

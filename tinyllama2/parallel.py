@@ -36,11 +36,6 @@ def parse_devices(devices: str | Sequence[str]) -> Devices:
   return canon
 
 
-def devices_of(t: Tensor) -> Devices | None:
-  """The devices a tensor is spread over, None for a tensor on one device."""
-  return t.device if isinstance(t.device, tuple) else None
-
-
 # ---- tensor parallel ------------------------------------------------------------------------------
 ROW_SPLIT = ("wq", "wk", "wv", "w1", "w3")   # split by output rows
 COLUMN_SPLIT = ("wo", "w2")                  # split by input columns (their products summed across devices)

@@ -34,6 +34,7 @@ def main(a: argparse.Namespace) -> None:
 def score(a: argparse.Namespace) -> None:
   """Each text (BOS text EOS) through the reward model, one score per line."""
   from ..llama import Llama
+  if a.devices: raise ValueError("--devices is for training: rm score runs on one device (--device)")
   llm = Llama.from_pretrained(a.model, tokenizer=a.tokenizer, device=a.device)
   texts = a.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
   if not texts: raise ValueError("nothing to score: pass --text TEXT (repeatable) or texts on stdin, one per line")

@@ -108,8 +108,14 @@ def serve_on_ray(a: argparse.Namespace) -> None:
   except ImportError as e:
     raise ValueError(f"tinyllama2 serve --ray needs the ray extra ({e.name} is missing): pip install -e '.[ray]'") from None
   from ..checkpoint import detect_format, hub
-  a.model = str(hub.resolve(a.model))   # a missing model is an error before Ray starts
-  detect_format(Path(a.model))
+  from .chat import is_chat_model
+  # what the replicas would take from the flags as given: the model's name, its chat format, the API key
+  a.model_alias = a.model_alias or Path(a.model.rstrip("/")).name
+  a.api_key, a.api_key_file = api_key(a), None
+  resolved = str(hub.resolve(a.model))   # a missing model is an error before Ray starts
+  detect_format(Path(resolved))
+  if a.template == "auto": a.template = "llama2" if is_chat_model(a.model) or is_chat_model(resolved) else "plain"
+  a.model = resolved
   for name in ("model", "tokenizer", "adapter"):   # the replicas' processes may start in another folder
     if getattr(a, name) and Path(getattr(a, name)).exists(): setattr(a, name, str(Path(getattr(a, name)).resolve()))
   sock = listening_socket(a.host, a.port)   # a port in use is an error before Ray starts

@@ -28,7 +28,8 @@ def rng_state(device: Device) -> dict:
 
 def set_rng_state(device: Device, state: dict) -> None:
   counters = [state["counter"]] if isinstance(device, str) else state["counter"]
-  if len(counters) != len(_each(device)) or not all(isinstance(c, list) and len(c) == 2 for c in counters):
+  counter_pairs = all(isinstance(c, list) and len(c) == 2 and all(isinstance(x, int) for x in c) for c in counters)
+  if len(counters) != len(_each(device)) or not counter_pairs:
     raise ValueError(f"the saved random state is for another number of devices than {len(_each(device))}: resume "
                      "on the devices the run was started on")
   Tensor.manual_seed(state["seed"])

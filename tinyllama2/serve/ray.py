@@ -1,5 +1,5 @@
-"""Replicas of `tinyllama2 serve` behind Ray Serve (the `ray` extra): one model replica per device or machine, Ray's
-HTTP proxy in front, the same OpenAI routes and chat page.
+"""Replicas of `tinyllama2 serve` behind Ray Serve (the `ray` extra): model replicas spread over a Ray cluster's
+machines (each reserves `--replica-cpus` of one), Ray's HTTP proxy in front, the same OpenAI routes and chat page.
 
 An `Ingress` deployment takes each HTTP request, reads the text a prefix cache would hold for it (the prompt, or the
 messages in order) and forwards the request to a `ModelReplica` through a handle whose router is
@@ -24,6 +24,8 @@ from typing import Any, AsyncIterator, Iterator
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from .app import ServerConfig
 
 APP_NAME = "tinyllama2"
 REPLICA_HEADER = "x-tinyllama2-replica"   # which replica answered (for logs and tests)
@@ -53,47 +55,44 @@ def prefix_text(body: bytes) -> str:
 
 
 def shared_prefix(a: str, b: str) -> int:
-  n = min(len(a), len(b))
-  for i in range(n):
-    if a[i] != b[i]: return i
-  return n
+  """The length of the longest common prefix of a and b (a binary search over slice comparisons, which run in C)."""
+  lo, hi = 0, min(len(a), len(b))
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if a[:mid] == b[:mid]: lo = mid
+    else: hi = mid - 1
+  return lo
 
 
 class PrefixAffinityRouter(RequestRouter):
   """Picks the replica for a request: the one whose recent requests share the longest prefix with it (at least
-  `min_shared_chars`), unless it has more than `max_imbalance` requests in flight beyond the least busy replica;
-  else the least busy one. In-flight counts are this router's own (requests it routed, until they complete)."""
+  `min_shared_chars`; ties to the less busy), unless it has more than `max_imbalance` requests in flight beyond the
+  least busy replica; else the least busy one. In flight: Ray's own count of the requests this router sent to each
+  replica (its queue-length cache)."""
 
   def initialize_state(self, min_shared_chars: int = 16, max_imbalance: int = 4, remembered: int = 64) -> None:
     self.min_shared, self.max_imbalance, self.remembered = min_shared_chars, max_imbalance, remembered
     self.texts: dict[ReplicaID, deque[str]] = {}
-    self.in_flight: dict[ReplicaID, int] = {}
-    self.routed: dict[str, ReplicaID] = {}   # internal request id -> the replica chosen for it
+
+  def _load(self, replica: RunningReplica) -> int: return self.replica_queue_len_cache.get(replica.replica_id) or 0
 
   async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                             pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
     if not candidate_replicas: return []
     text = _text_of(pending_request)
-    load = {r.replica_id: self.in_flight.get(r.replica_id, 0) for r in candidate_replicas}
-    least = min(load.values())
-    best, best_shared = None, 0
-    for r in candidate_replicas:
-      shared = max((shared_prefix(text, t) for t in self.texts.get(r.replica_id, ())), default=0)
-      if shared > best_shared: best, best_shared = r, shared
-    if best is None or best_shared < self.min_shared or load[best.replica_id] - least > self.max_imbalance:
-      best = random.choice([r for r in candidate_replicas if load[r.replica_id] == least])
-    if pending_request is not None: self._routing(pending_request, best.replica_id, text)
-    return [[best]]
+    least = min(map(self._load, candidate_replicas))
+    shared = {r.replica_id: max((shared_prefix(text, t) for t in self.texts.get(r.replica_id, ())), default=0)
+              for r in candidate_replicas}
+    best = max(candidate_replicas, key=lambda r: (shared[r.replica_id], -self._load(r)))
+    if shared[best.replica_id] < self.min_shared or self._load(best) - least > self.max_imbalance:
+      best = random.choice([r for r in candidate_replicas if self._load(r) == least])
+    if text: self._remember(best.replica_id, text[:8192])
+    # the others after it: a replica that turns the request away (full) does not hold it up
+    return [[best], [r for r in candidate_replicas if r is not best]]
 
-  def _routing(self, pending_request: PendingRequest, replica_id: ReplicaID, text: str) -> None:
-    request_id = pending_request.metadata.internal_request_id
-    if (before := self.routed.get(request_id)) is not None: self.in_flight[before] -= 1   # chosen again (a retry)
-    self.routed[request_id] = replica_id
-    self.in_flight[replica_id] = self.in_flight.get(replica_id, 0) + 1
-    if text: self.texts.setdefault(replica_id, deque(maxlen=self.remembered)).append(text[:8192])
-
-  def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-    if (chosen := self.routed.pop(internal_request_id, None)) is not None: self.in_flight[chosen] -= 1
+  def _remember(self, replica_id: ReplicaID, text: str) -> None:
+    seen = self.texts.setdefault(replica_id, deque(maxlen=self.remembered))
+    if not seen or seen[-1] != text: seen.append(text)   # (a request chosen again after a refusal counts once)
 
   def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
     super().on_replica_actor_died(replica_id)
@@ -140,13 +139,15 @@ class ModelReplica:
              "headers": request.headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 80), "root_path": ""}
     task = asyncio.ensure_future(self.app(scope, receive, messages.put))
     task.add_done_callback(lambda _: messages.put_nowait(None))
+    started = False
     try:
       while (message := await messages.get()) is not None:
         if message["type"] == "http.response.start":
-          headers = [(k.decode(), v.decode()) for k, v in message.get("headers", [])]
-          yield {"status": message["status"], "headers": headers + [(REPLICA_HEADER, self.name)]}
+          started = True
+          yield {"status": message["status"], "headers": [*message.get("headers", []),
+                                                          (REPLICA_HEADER.encode(), self.name.encode())]}
         elif message["type"] == "http.response.body" and message.get("body"): yield message["body"]
-      task.result()
+      if not started: task.result()   # (once a response started, the app has answered its own error)
     finally:
       disconnected.set()
       if not task.done():   # the application cancels its work on the disconnect; cancelled itself after 5 s
@@ -162,19 +163,32 @@ class Ingress:
 
   async def __call__(self, request):
     from starlette.responses import StreamingResponse
-    body = await request.body()
-    forwarded = Forwarded(request.method, request.url.path, request.url.query.encode(),
-                          [(k.encode(), v.encode()) for k, v in request.headers.items()], body, prefix_text(body))
+    body = await _body_prefix(request, ServerConfig.max_body_bytes)
+    forwarded = Forwarded(request.method, request.url.path, request.scope.get("query_string", b""),
+                          list(request.scope["headers"]), body, prefix_text(body))
     pieces = self.replicas.options(stream=True).forward.remote(forwarded)
     head = await pieces.__anext__()
-    headers = {k: v for k, v in head["headers"] if k.lower() not in ("content-length", "transfer-encoding")}
 
     async def rest() -> AsyncIterator[bytes]:
       try:
         async for piece in pieces: yield piece
       finally: pieces.cancel()
 
-    return StreamingResponse(rest(), status_code=head["status"], headers=headers)
+    response = StreamingResponse(rest(), status_code=head["status"])
+    # the app's headers as they are (repeated ones too); the length is the proxy's to send, as it streams
+    response.raw_headers = [(k, v) for k, v in head["headers"]
+                            if k.lower() not in (b"content-length", b"transfer-encoding")]
+    return response
+
+
+async def _body_prefix(request, limit: int) -> bytes:
+  """The body, or its first limit + 1 bytes when it is longer (the replica then answers 413, as `tinyllama2 serve`
+  does, and the ingress never holds more than that)."""
+  body = bytearray()
+  async for chunk in request.stream():
+    body += chunk
+    if len(body) > limit: break
+  return bytes(body[:limit + 1])
 
 
 def application(args: argparse.Namespace, replicas: int, replica_cpus: float = 1.0):
@@ -191,21 +205,34 @@ def application(args: argparse.Namespace, replicas: int, replica_cpus: float = 1
   return ingress.bind(model.bind(args))
 
 
+def check_resources(cpus: float, replicas: int, replica_cpus: float, joined: bool) -> None:
+  """A one-line error where the replicas cannot all start (Ray would wait for them forever); a cluster that was
+  joined may grow (an autoscaler), so there it is only a warning."""
+  need = replicas * replica_cpus
+  if need <= cpus: return
+  message = (f"--replicas {replicas} x --replica-cpus {replica_cpus:g} needs {need:g} CPUs but the Ray cluster has "
+             f"{cpus:g}: use fewer replicas, or a smaller --replica-cpus (0 lets replicas share the CPUs)")
+  if not joined: raise ValueError(message)
+  logging.getLogger(__name__).warning("%s; waiting for the cluster to grow", message)
+
+
 @contextlib.contextmanager
 def running(args: argparse.Namespace, replicas: int, host: str, port: int, replica_cpus: float = 1.0) -> Iterator[None]:
   """The application served at http://host:port while the block runs: on the Ray cluster $RAY_ADDRESS names, else
   on a local Ray started here (and stopped after)."""
   import ray
-  joined = bool(os.environ.get("RAY_ADDRESS"))
-  ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
+  cluster = os.environ.get("RAY_ADDRESS")   # Ray's own variable: a cluster to join
+  ray.init(address=cluster or "local", include_dashboard=False, logging_level=logging.WARNING)
   try:
+    check_resources(ray.cluster_resources().get("CPU", 0), replicas, replica_cpus, joined=bool(cluster))
     serve.start(http_options={"host": host, "port": port})
     try: serve.run(application(args, replicas, replica_cpus), name=APP_NAME, route_prefix="/")
     except RuntimeError as e:   # a replica that failed to load the model, say (its traceback is in Ray's logs)
-      raise OSError(f"the model replicas did not start ({e}); their errors are in Ray's serve logs "
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+      raise OSError(f"the model replicas did not start ({reason}); their errors are in Ray's serve logs "
                     "(/tmp/ray/session_latest/logs/serve on each machine)") from None
     yield
   finally:
-    if joined: serve.delete(APP_NAME)
+    if cluster: serve.delete(APP_NAME)
     else: serve.shutdown()
     ray.shutdown()
